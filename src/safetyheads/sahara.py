@@ -170,7 +170,7 @@ class _Reps:
             inputs: list[torch.Tensor] = []
             if reuse:
                 handles = [layer.register_forward_pre_hook(
-                    lambda m, a, k: inputs.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
+                    lambda m, a, k, inputs=inputs: inputs.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
                     for layer in layers]
             try:
                 with torch.no_grad():

@@ -373,7 +373,7 @@ def ships_estimate(
             n = ids.shape[0]
             s = torch.zeros(n, g.n_layers, g.n_heads, requires_grad=True)
             hidden: list[torch.Tensor] = []
-            handle = ad.final_norm.register_forward_hook(lambda m, a, out: hidden.append(out[:, -1]))
+            handle = ad.final_norm.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out[:, -1]))
             try:
                 with torch.enable_grad(), ablate_strengths(model, s, mode=lin, eps=eps, mean=mean, attention_mask=mask):
                     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
