@@ -1,0 +1,215 @@
+"""The ``safetyheads`` command line. Every RunConfig field is a flag; ``--config FILE`` reads the same keys.
+
+    safetyheads run                         # the whole study on the embedded model and AdvBench
+    safetyheads run --model PATH --dataset my.csv --column prompt --out runs/mine
+    safetyheads ships | sahara | evaluate   # one part of the study (same flags, same run folder)
+    safetyheads surgery --heads 2.26,3.4 --save ablated/   # write an ablated checkpoint
+    safetyheads compare runs/a runs/b --out cmp/
+    safetyheads report runs/a
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import typing
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger("safetyheads")
+
+
+def _click_type(annotation):
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)])
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return _click_type(args[0]) if len(args) == 1 else str
+    return {int: int, float: float, bool: bool}.get(annotation, str)
+
+
+def config_options(func):
+    """Add one ``--flag`` per RunConfig field (default None: only flags given override the file)."""
+    for name, field in reversed(list(RunConfig.model_fields.items())):
+        default = field.default
+        help_text = (field.description or "") + (f"  [default: {default}]" if default is not None else "")
+        func = click.option(f"--{name.replace('_', '-')}", name, type=_click_type(field.annotation), default=None,
+                            help=help_text)(func)
+    func = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="TOML / YAML / JSON file with the same keys as the flags")(func)
+    return func
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("safetyheads").setLevel(logging.WARNING if quiet else logging.INFO)
+    for noisy in ("transformers", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _config(config_file, fields) -> RunConfig:
+    try:
+        return load_config(config_file, **fields)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _default_out(cfg: RunConfig) -> Path:
+    name = cfg.model.split(":")[-1].split("/")[-1].replace(".gguf", "")
+    return Path("runs") / f"{name}-{cfg.dataset.split('/')[-1].split('.')[0]}-{cfg.mode}-{cfg.digest()[:6]}"
+
+
+def _execute(stages, out, quiet, config_file, fields) -> Path:
+    from .models import ModelLoadError
+    from .pipeline import Run, RunFolderError
+
+    _setup_logging(quiet)
+    cfg = _config(config_file, fields)
+    out = Path(out) if out else _default_out(cfg)
+    try:
+        path = Run(cfg, out, progress=not quiet).execute(stages)
+    except (RunFolderError, ModelLoadError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted — rerun the same command to resume from the checkpoints in {out}", err=True)
+        sys.exit(130)
+    return path
+
+
+def _common(func):
+    func = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="run folder (default: runs/<model>-<dataset>-<mode>-<config digest>)")(func)
+    func = click.option("--quiet", "-q", is_flag=True, help="no progress bars, warnings only")(func)
+    return config_options(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="safetyheads")
+def app() -> None:
+    """Find the attention heads a language model's safety depends on (Ships, Sahara, attack success)."""
+
+
+@app.command()
+@_common
+def run(out, quiet, config_file, **fields) -> None:
+    """The whole study: Ships, Sahara heads, attack success with and without them, report.
+
+    With no flags: Qwen2.5-Coder-0.5B-Instruct (embedded) on AdvBench, ≤ 10 min on 2 CPU cores.
+    Interrupted runs resume when the same command is run again.
+    """
+    path = _execute(("prompts", "ships", "sahara", "evaluate", "report"), out, quiet, config_file, fields)
+    _summary(path)
+
+
+@app.command()
+@_common
+def ships(out, quiet, config_file, **fields) -> None:
+    """Ships scores of every head (estimate on all attribution prompts, exact on n_ships_exact)."""
+    path = _execute(("prompts", "ships"), out, quiet, config_file, fields)
+    from .ships import ShipsResult
+
+    stem = path / ("ships" if (path / "ships.json").exists() else "ships_estimate")
+    res = ShipsResult.load(stem)
+    click.echo(f"top heads by mean Ships ({res.method}): " + ", ".join(f"L{a}H{b}" for a, b in res.dataset_top(10)))
+    click.echo(f"results in {path}")
+
+
+@app.command()
+@_common
+def sahara(out, quiet, config_file, **fields) -> None:
+    """Sahara: the group of heads whose ablation most moves the harmful-query representation."""
+    path = _execute(("prompts", "ships", "sahara"), out, quiet, config_file, fields)
+    from .sahara import SaharaResult
+
+    res = SaharaResult.load(path / "sahara.json")
+    for i, step in enumerate(res.steps, 1):
+        click.echo(f"step {i}: L{step.chosen[0]}H{step.chosen[1]}  generalized Ships {step.score:.4f}")
+    click.echo(f"results in {path}")
+
+
+@app.command()
+@_common
+def evaluate(out, quiet, config_file, **fields) -> None:
+    """Attack success with and without the safety heads (runs the earlier stages if needed)."""
+    path = _execute(("prompts", "ships", "sahara", "evaluate"), out, quiet, config_file, fields)
+    _summary(path)
+
+
+def _parse_heads(text: str) -> list[tuple[int, int]]:
+    try:
+        heads = [tuple(int(x) for x in item.replace("L", "").replace("H", ".").split(".") if x != "")
+                 for item in text.split(",") if item.strip()]
+        assert heads and all(len(h) == 2 for h in heads)
+        return heads  # type: ignore[return-value]
+    except (ValueError, AssertionError):
+        raise click.BadParameter(f"heads must look like '2.26,3.4' (layer.head pairs), got {text!r}") from None
+
+
+@app.command()
+@click.option("--model", default=None, help="model to edit (default: the embedded one)")
+@click.option("--heads", required=True, help="layer.head pairs, e.g. 2.26,3.4")
+@click.option("--mode", type=click.Choice(["ua", "sc", "zero"]), default="ua", show_default=True)
+@click.option("--eps", type=float, default=1e-5, show_default=True)
+@click.option("--save", "save_to", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for the ablated checkpoint (save_pretrained)")
+@click.option("--device", default="cpu", show_default=True)
+def surgery(model, heads, mode, eps, save_to, device) -> None:
+    """Write a copy of the model with the heads ablated in its weights (for vLLM, lm-eval, …)."""
+    from .models import DEFAULT_MODEL, ModelLoadError, load_model
+    from .surgery import SurgeryError, save_surgery
+
+    _setup_logging(False)
+    parsed = _parse_heads(heads)
+    try:
+        m, tok = load_model(model or DEFAULT_MODEL, device=device)
+        path = save_surgery(m, tok, parsed, save_to, mode=mode, eps=eps, provenance={"model": model or DEFAULT_MODEL})
+    except (ModelLoadError, SurgeryError, IndexError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"ablated checkpoint written to {path}")
+
+
+@app.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True)
+@click.option("--k", type=int, default=10, show_default=True, help="top-k Ships heads compared")
+def compare(runs, out, k) -> None:
+    """Overlap of the safety heads and top-k Ships heads of two or more runs (Jaccard, rank correlation)."""
+    from .compare import write_comparison
+
+    if len(runs) < 2:
+        raise click.UsageError("compare needs at least two run folders")
+    path = write_comparison(list(runs), out, k=k)
+    click.echo((path / "compare.md").read_text() if (path / "compare.md").exists() else f"written to {path}")
+
+
+@app.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(run_dir) -> None:
+    """(Re)build report.html and the plots of a run folder."""
+    from .report import write_report
+
+    click.echo(f"report: {write_report(run_dir)}")
+
+
+def _summary(path: Path) -> None:
+    import json
+
+    ev = path / "evaluation.json"
+    if ev.exists():
+        data = json.loads(ev.read_text())
+        click.echo(f"\nattack success rate ({data.get('judge')}, {data.get('n_prompts')} held-out prompts):")
+        for c in data["conditions"]:
+            click.echo(f"  {c['name']:<22} ASR {c['asr']:.2f}  [{c['ci_low']:.2f}, {c['ci_high']:.2f}]  heads "
+                       + " ".join(f"L{a}H{b}" for a, b in (c['heads'] if c['heads'] and isinstance(c['heads'][0][0], int) else [])))
+        for c in data.get("over_refusal", []):
+            click.echo(f"  over-refusal {c['name']:<22} {c['rate']:.2f}  [{c['ci_low']:.2f}, {c['ci_high']:.2f}]")
+    click.echo(f"\nrun folder: {path}\nreport:     {path / 'report.html'}")
+
+
+if __name__ == "__main__":
+    app()
