@@ -73,7 +73,7 @@ def _execute(stages, out, quiet, config_file, fields) -> Path:
     out = Path(out) if out else _default_out(cfg)
     try:
         path = Run(cfg, out, progress=not quiet).execute(stages)
-    except (RunFolderError, ModelLoadError) as e:
+    except (RunFolderError, ModelLoadError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted — rerun the same command to resume from the checkpoints in {out}", err=True)

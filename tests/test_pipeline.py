@@ -1,0 +1,160 @@
+"""The main job end to end: config errors, a tiny real run, resume after kill -9, the default run.
+
+The tiny runs use the real SmolLM2-135M (fastest real model; it does not refuse, so the signed
+refusal score is skipped and recorded as such) with a handful of prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from safetyheads.cli import app
+from safetyheads.config import ConfigError, load_config
+
+SMALL = ["--model", "builtin:smollm2-135m-instruct", "--n-attribution", "4", "--n-ships-exact", "1", "--n-eval", "4",
+         "--n-harmless", "2", "--max-new-tokens", "6", "--steps", "2", "--prefilter-k", "3", "--random-controls", "1",
+         "--batch-size", "8", "--quiet"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "safetyheads.cli", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+# --------------------------------------------------------------------------- config errors (fast)
+
+
+def test_unknown_key_in_config_file_is_named(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('bogus_key = 3\nsteps = 2\n')
+    with pytest.raises(ConfigError, match="bogus_key: unknown key"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("body, msg", [
+    ("steps = 0", "steps"), ('mode = "nope"', "mode"), ("eps = -1.0", "eps"), ("n_eval = 'x'", "n_eval"),
+    ("prefilter_k = 1\nsteps = 3", "prefilter_k"),
+])
+def test_bad_values_are_named(tmp_path, body, msg):
+    f = tmp_path / "c.toml"
+    f.write_text(body + "\n")
+    with pytest.raises(ConfigError, match=msg):
+        load_config(f)
+
+
+def test_yaml_and_flags_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 4\nn-eval: 10\n")
+    cfg = load_config(f, steps=2)
+    assert (cfg.steps, cfg.n_eval) == (2, 10)
+
+
+def test_cli_config_errors_exit_nonzero_and_write_nothing(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["run", "--out", str(out), "--steps", "0"])
+    assert r.exit_code != 0 and "steps" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nonsense = true\n")
+    r = runner.invoke(app, ["run", "--out", str(out), "--config", str(bad)])
+    assert r.exit_code != 0 and "nonsense" in r.output
+    assert not out.exists()
+
+
+def test_unknown_model_is_a_clear_error_and_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "--out", str(out), "--model", "builtin:no-such-model", "--quiet"])
+    assert r.exit_code != 0
+    assert "no-such-model" in r.output
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits do not stop it")
+def test_unwritable_output_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    r = CliRunner().invoke(app, ["run", "--out", str(ro / "run"), "--quiet"])
+    assert r.exit_code != 0 and "not writable" in r.output
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = CliRunner().invoke(app, ["run", "--out", str(f), "--model", "builtin:smollm2-135m-instruct", "--quiet"])
+    assert r.exit_code != 0 and "not a folder" in r.output
+
+
+def test_help_everywhere():
+    runner = CliRunner()
+    for cmd in ([], ["run"], ["ships"], ["sahara"], ["evaluate"], ["surgery"], ["compare"], ["report"]):
+        r = runner.invoke(app, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def _results(run: Path) -> dict:
+    ev = json.loads((run / "evaluation.json").read_text())
+    sahara = json.loads((run / "sahara.json").read_text())
+    return {"conditions": [(c["name"], c["heads"], c["asr"]) for c in ev["conditions"]],
+            "sahara": (sahara["heads"], [s["scores"] for s in sahara["steps"]]),
+            "responses": {p.name: p.read_text() for p in sorted((run / "responses").glob("*.jsonl"))}}
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path):
+    """`safetyheads run` on SmolLM2 writes every artifact and a report that names the heads."""
+    out = tmp_path / "run"
+    r = cli("run", *SMALL, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.json", "prompts.json", "ships.json", "ships.safetensors", "ships_estimate.json",
+                 "sahara.json", "evaluation.json", "report.html", "run.log"):
+        assert (out / name).exists(), name
+    ev = json.loads((out / "evaluation.json").read_text())
+    names = [c["name"] for c in ev["conditions"]]
+    assert "baseline" in names and "sahara-top2" in names and any(n.startswith("random") for n in names)
+    heads = json.loads((out / "sahara.json").read_text())["heads"]
+    html = (out / "report.html").read_text()
+    assert f"L{heads[0][0]}" in html or str(heads[0]) in html
+    assert "ASR" in r.stdout
+    # a second run of the same command does no work and changes nothing
+    before = _results(out)
+    t0 = time.perf_counter()
+    r2 = cli("run", *SMALL, "--out", str(out))
+    assert r2.returncode == 0
+    assert _results(out) == before
+    assert time.perf_counter() - t0 < 120
+    # a different config in the same folder is refused
+    r3 = cli("run", *SMALL[:-1], "--steps", "3", "--out", str(out), "--quiet")
+    assert r3.returncode != 0 and "different configuration" in r3.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    """kill -9 in the middle of a run, rerun the same command: the results equal an uninterrupted run."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert cli("run", *SMALL, "--out", str(ref)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "safetyheads.cli", "run", *SMALL, "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (cut / "ships_estimate.json").exists():
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "evaluation.json").exists()
+    r = cli("run", *SMALL, "--out", str(cut))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _results(cut) == _results(ref)
+    assert not list(cut.rglob("*.tmp"))
