@@ -287,8 +287,14 @@ def asr_bars(evaluation: dict, path: str | Path) -> Path:
     Bars are coloured by kind (baseline grey, Sahara red, Ships orange, refusal-score purple);
     random-head controls are pale blue and hatched; the dashed line is the baseline rate.
     """
-    conds = list(evaluation.get("conditions") or [])
-    over = list(evaluation.get("over_refusal") or [])
+    def numeric(c: dict, key: str) -> bool:
+        try:
+            return math.isfinite(float(c.get(key)))
+        except (TypeError, ValueError):
+            return False
+
+    conds = [c for c in evaluation.get("conditions") or [] if numeric(c, "asr")]
+    over = [c for c in evaluation.get("over_refusal") or [] if numeric(c, "rate")]
     if not conds and not over:
         raise ValueError("evaluation has no conditions to plot")
     width = 2.0 + 0.8 * len(conds) + (1.0 + 0.8 * len(over) if over else 0)
@@ -348,25 +354,25 @@ def overlap_plot(comparison: dict, path: str | Path) -> Path:
         sahara_heads = [tuple(h) for h in r.get("sahara_heads") or []]
         if ships_top:
             xs = [(la + 0.5) / n_layers for la, _ in ships_top]
-            ax.scatter(xs, [row + 0.12] * len(xs), s=36, color="#ff7f0e", alpha=0.65, edgecolor="#7f3f00", zorder=3,
+            ax.scatter(xs, [row - 0.22] * len(xs), s=34, color="#ff7f0e", alpha=0.6, edgecolor="#7f3f00", zorder=3,
                        label=f"top-{k} mean-Ships heads" if row == 0 else None)
         if sahara_heads:
             xs = [(la + 0.5) / n_layers for la, _ in sahara_heads]
-            ax.scatter(xs, [row - 0.15] * len(xs), s=140, marker="*", color="#d62728", edgecolor="#5a0000", zorder=4,
+            ax.scatter(xs, [row + 0.05] * len(xs), s=130, marker="*", color="#d62728", edgecolor="#5a0000", zorder=4,
                        label="Sahara heads" if row == 0 else None)
             for (la, h), x in zip(sahara_heads, xs):
-                ax.annotate(head_label(la, h), (x, row - 0.15), xytext=(0, -11), textcoords="offset points",
-                            ha="center", va="top", fontsize=7, color="#5a0000")
+                ax.annotate(head_label(la, h), (x, row + 0.05), xytext=(0, -8), textcoords="offset points",
+                            ha="center", va="top", fontsize=7.5, color="#5a0000")
     ax.set_yticks(range(len(runs)))
     ax.set_yticklabels([f"{r.get('name')}\n{r.get('n_layers')}×{r.get('n_heads')}" for r in runs], fontsize=8.5)
-    ax.set_ylim(len(runs) - 0.4, -0.7)
-    ax.set_xlim(0, 1)
+    ax.set_ylim(len(runs) - 0.45, -0.55)
+    ax.set_xlim(-0.04, 1.04)
     ax.set_xlabel("relative depth (layer + ½) / n_layers")
     ax.set_title("Where each run's heads are", fontsize=11)
     ax.grid(axis="x", color="#e0e0e0")
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8.5, frameon=False)
 
     ax2 = fig.add_subplot(gs[1])
     metrics = [("sahara_jaccard", "Sahara Jaccard", "#d62728"), ("ships_topk_jaccard", f"top-{k} Ships Jaccard", "#ff7f0e"),
@@ -387,11 +393,11 @@ def overlap_plot(comparison: dict, path: str | Path) -> Path:
     ax2.set_xticklabels([f"{p['a']}\nvs {p['b']}" + ("\n(depth)" if p.get("basis") == "relative-depth" else "")
                          for p in pairs], fontsize=8)
     lo = min([0.0] + [p.get("ships_spearman") or 0.0 for p in pairs])
-    ax2.set_ylim(min(-0.1, lo - 0.15), 1.15)
+    ax2.set_ylim(min(-0.1, lo - 0.15), 1.12)
     ax2.set_xlim(-0.6, max(len(pairs), 1) - 0.4)
     ax2.set_title("Overlap per pair of runs", fontsize=11)
     ax2.grid(axis="y", color="#e0e0e0", zorder=0)
     ax2.set_axisbelow(True)
     if pairs:
-        ax2.legend(loc="upper right", fontsize=8, framealpha=0.9)
+        ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8.5, frameon=False)
     return _save(fig, path)

@@ -293,6 +293,7 @@ code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-s
 pre{background:#f6f8fa;border:1px solid #e1e4e8;border-radius:6px;padding:10px;overflow:auto;max-height:480px}
 img{max-width:100%;height:auto;border:1px solid #eceef2;border-radius:4px;background:#fff}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:14px;align-items:start}
+.figs.wide{grid-template-columns:1fr}
 .figs figure{margin:0}
 figcaption{font-size:13px;color:#566;margin-top:4px}
 .notrun{background:#fff7e0;border-left:4px solid #f0b400;padding:8px 12px;margin:8px 0;color:#5c4700}
@@ -452,10 +453,10 @@ def section_summary(run: RunData, plots_dir: Path) -> str:
                                 [[esc(u.get("name")), esc(u.get("metric")), _g(u.get("value"))] for u in util],
                                 numeric={2}))
     if conds or over:
-        p = asr_bars(ev, plots_dir / "asr.png")
-        parts.append(f"<figure>{img(p, 'attack success rate per condition')}<figcaption>Bars: rate per condition; "
-                     "error bars: 95 % Wilson intervals; dashed: baseline; hatched pale blue: random-head controls."
-                     "</figcaption></figure>")
+        parts.append(_guarded("ASR plot", lambda: (
+            f"<figure>{img(asr_bars(ev, plots_dir / 'asr.png'), 'attack success rate per condition')}<figcaption>"
+            "Bars: rate per condition; error bars: 95 % Wilson intervals; dashed: baseline; hatched pale blue: "
+            "random-head controls.</figcaption></figure>")))
     return "".join(parts)
 
 
@@ -471,6 +472,11 @@ def _num_table(headers: list[str], rows: list[list[str]], numeric: set[int]) -> 
                 cells.append(f"<td>{c}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figs_class(run: RunData) -> str:
+    """Heatmaps two per row, or one per row when the grid is wide (e.g. 32 heads)."""
+    return "figs wide" if run.grid and run.grid[1] > 20 else "figs"
 
 
 def section_ships(run: RunData, plots_dir: Path) -> str:
@@ -495,7 +501,7 @@ def section_ships(run: RunData, plots_dir: Path) -> str:
             figs.append(f"<figure>{img(p, title)}<figcaption>{cap}</figcaption></figure>")
             columns.append((f"{label}: {name}<br><span class='muted'>{esc(res.method)}</span>", res, metric))
     out = ["<p>Ships(q, h) = KL(p(·|q) ‖ p(·|q; h ablated)) at the last prompt position; the dataset view is "
-           "each head's mean over prompts.</p>", '<div class="figs">' + "".join(figs) + "</div>"]
+           "each head's mean over prompts.</p>", f'<div class="{_figs_class(run)}">' + "".join(figs) + "</div>"]
     if columns:
         k = 10
         tops = [res.dataset_top(min(k, res.kl[0].numel()), metric) for _, res, metric in columns]
@@ -562,7 +568,7 @@ def section_sahara(run: RunData, plots_dir: Path) -> str:
     paths = sahara_heatmaps(s, grid[0], grid[1], plots_dir)
     figs = [f"<figure>{img(p, f'Sahara step {i}')}<figcaption>Step {i}: score of every candidate; ★ the head "
             "chosen, hatched: already in G.</figcaption></figure>" for i, p in enumerate(paths, 1)]
-    out.append('<div class="figs">' + "".join(figs) + "</div>")
+    out.append(f'<div class="{_figs_class(run)}">' + "".join(figs) + "</div>")
     return "".join(out)
 
 
