@@ -6,6 +6,10 @@
   instead: an ablation in layer ``l`` cannot change layers ``< l``.
 * :func:`last_token_logits` / :func:`last_token_hidden` — logits (``logits_to_keep=1``) or the
   final-norm hidden state at the last prompt position only.
+
+All of them work on models split over devices by accelerate (``device_map=...``, including CPU/disk
+offload): inputs go to :func:`input_device`, cached activations move to the layer that reads them,
+and accelerate's per-module ``forward`` wrappers are left in place.
 """
 
 from __future__ import annotations
@@ -28,23 +32,61 @@ def _identity_forward(hidden_states, *args, **kwargs):
     return hidden_states
 
 
+_NO_FORWARD = object()
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """Where ``module`` computes: accelerate's execution device if it is dispatched, else the device of
+    its first parameter that is not on ``meta`` (offloaded); None when neither is known."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one hook
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev)  # an int is an index of the accelerator (CUDA, XPU, …)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the input embeddings' device; under accelerate offload (embedding weights on
+    ``meta``) the embedding's or the model's execution device."""
+    emb = model.get_input_embeddings()
+    if emb.weight.device.type != "meta":
+        return emb.weight.device
+    return execution_device(emb) or execution_device(model) or torch.device("cpu")
+
+
 @contextlib.contextmanager
 def reuse_residual(model: nn.Module, start: int, hidden: torch.Tensor | None) -> Iterator[None]:
     """Inside the block, layers ``0..start-1`` are skipped and layer ``start`` receives ``hidden``.
 
     ``hidden`` is the residual stream entering layer ``start`` from an earlier (unablated) forward
-    pass of the same tokens, shape ``[1 or batch, pos, d_model]``; it is broadcast to the batch.
+    pass of the same tokens, shape ``[1 or batch, pos, d_model]``; it is broadcast to the batch and
+    moved to layer ``start``'s execution device (under a ``device_map`` it may live elsewhere).
     Nothing happens when ``start == 0`` or ``hidden is None``. The layers are restored on exit.
+
+    A skipped layer's ``forward`` is replaced by an identity *instance attribute* and the previous
+    instance attribute, if any, is put back on exit: accelerate's ``dispatch_model`` keeps its
+    device-moving / offload wrapper there (``module._hf_hook`` + ``module._old_forward``), and it
+    must survive the block. Skipped offloaded layers are not even loaded.
     """
     if start <= 0 or hidden is None:
         yield
         return
     layers = get_adapter(model).layers
     skipped = layers[:start]
+    target = execution_device(layers[start])
+    moved: dict[tuple, torch.Tensor] = {}
 
     def replace_input(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        h = hidden.to(device=x.device, dtype=x.dtype)
+        dev = target or x.device
+        key = (dev, x.dtype)
+        if key not in moved:
+            moved[key] = hidden.to(device=dev, dtype=x.dtype)
+        h = moved[key]
         if h.shape[1:] != x.shape[1:]:
             raise ValueError(f"cached residual {tuple(h.shape)} does not match the input {tuple(x.shape)}")
         h = h.expand(x.shape[0], -1, -1).contiguous()
@@ -52,6 +94,7 @@ def reuse_residual(model: nn.Module, start: int, hidden: torch.Tensor | None) ->
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
 
+    saved = [layer.__dict__.get("forward", _NO_FORWARD) for layer in skipped]
     handle = layers[start].register_forward_pre_hook(replace_input, with_kwargs=True)
     try:
         for layer in skipped:
@@ -59,8 +102,11 @@ def reuse_residual(model: nn.Module, start: int, hidden: torch.Tensor | None) ->
         yield
     finally:
         handle.remove()
-        for layer in skipped:
-            layer.__dict__.pop("forward", None)
+        for layer, fwd in zip(skipped, saved):
+            if fwd is _NO_FORWARD:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = fwd
 
 
 def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -88,7 +134,7 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def _model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     mask = attention_mask.to(dev)
     return {"input_ids": input_ids.to(dev), "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
             "use_cache": False}
