@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +35,7 @@ from .ablation import ablate_strengths as _ablate
 from .adapters import get_adapter, validate_heads
 from .forward import last_token_hidden, reuse_residual
 from .prompts import encode_prompts, format_prompts
-from .provenance import atomic_write_text, provenance
+from .provenance import atomic_write_text, model_record, provenance
 
 log = logging.getLogger("safetyheads")
 
@@ -230,6 +231,7 @@ def sahara(
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 60.0,
     progress: bool = True,
+    shard: Any = None,
 ) -> SaharaResult:
     """Greedy dataset-level search for the heads whose joint ablation most moves the representation.
 
@@ -248,6 +250,11 @@ def sahara(
         checkpoint: a JSON file written atomically after every step and every ``checkpoint_every_s``
             within a step; rerunning the same call resumes from it. A checkpoint of a different
             configuration is refused.
+        shard: share every step's candidates with other processes (see :mod:`safetyheads.distributed`):
+            ``shard.select`` picks this process's candidates, ``shard.record`` receives each score,
+            ``shard.gather`` returns every candidate's score, so all processes choose the same head.
+            It keeps its own per-process checkpoints: do not pass ``checkpoint`` with it. The
+            ``"exact-subset"`` prefilter is shared the same way.
     Returns:
         :class:`SaharaResult`: ``heads`` in the order chosen and every step's candidate scores.
     """
@@ -285,6 +292,13 @@ def sahara(
         raise ValueError(f"unknown prefilter {prefilter!r}; choose None, 'estimate' or 'exact-subset'")
     if prefilter and prefilter_k < steps:
         raise ValueError(f"prefilter_k={prefilter_k} must be >= steps={steps}")
+    if shard is not None:
+        from .distributed import as_shard
+
+        shard = as_shard(shard, need_all=True)
+        if checkpoint is not None:
+            raise ValueError("pass checkpoint= or shard=, not both: a shard keeps per-process checkpoints "
+                             "(DistributedShard(checkpoint_dir=...))")
 
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
     from .provenance import prompts_digest
@@ -311,7 +325,7 @@ def sahara(
     if prefilter and "kept" not in state:
         state["kept"] = [list(h) for h in _prefilter(model, tokenizer, prompts, cands, prefilter, prefilter_k,
                                                        mode, eps, rank, center, space, prompt_format, system_prompt,
-                                                       batch_size, progress)]
+                                                       batch_size, progress, shard)]
         save_state()
     pool = [tuple(h) for h in state["kept"]] if prefilter else cands
 
@@ -323,6 +337,24 @@ def sahara(
         last_save = time.perf_counter()
         bar = tqdm(total=len(pool) - len(chosen), initial=len(partial), disable=not progress,
                    desc=f"Sahara step {step + 1}/{steps}")
+        if shard is not None:
+            from .distributed import candidate_cost
+
+            record = {k: v for k, v in model_record(model).items() if k != "device"}
+            key = {"kind": "sahara", "config": cfg.digest(), "model": record, "batch_size": batch_size,
+                   "reuse": reuse, "step": step, "chosen": [list(h) for h in chosen]}
+            mine = set(shard.select(key, [(h, candidate_cost(chosen + [h], g.n_layers)) for h in todo]))
+            bar.total = len(mine)
+            bar.refresh()
+            for h in todo:
+                if h in mine:
+                    partial[h] = score(chosen + [h])
+                    shard.record(h, partial[h])
+                    bar.update(1)
+            bar.close()
+            partial.update(shard.gather())
+            partial = dict(sorted(partial.items()))  # the same order on every process
+            todo = []
         try:
             for h in todo:
                 partial[h] = score(chosen + [h])
@@ -352,7 +384,7 @@ def sahara(
 
 
 def _prefilter(model, tokenizer, prompts, cands, how, k, mode, eps, rank, center, space, prompt_format,
-               system_prompt, batch_size, progress) -> list[Head]:
+               system_prompt, batch_size, progress, shard=None) -> list[Head]:
     """The ``k`` most promising candidates (see :func:`sahara`)."""
     if len(cands) <= k:
         return list(cands)
@@ -366,6 +398,6 @@ def _prefilter(model, tokenizer, prompts, cands, how, k, mode, eps, rank, center
         sub = list(prompts[: max(min(8, len(prompts)), rank + 1)])
         res = sahara(model, tokenizer, sub, steps=1, mode=mode, eps=eps, preset=None, rank=rank, center=center,
                      space=space, prompt_format=prompt_format, system_prompt=system_prompt, candidates=cands,
-                     batch_size=batch_size, progress=progress)
+                     batch_size=batch_size, progress=progress, shard=shard)
         vals = res.steps[0].scores
     return sorted(cands, key=lambda h: -vals[h])[:k]

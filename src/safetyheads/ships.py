@@ -16,10 +16,12 @@ position (SPEC §2). Beside it, a *signed* score: the drop of the model's refusa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,9 @@ from tqdm.auto import tqdm
 
 from .ablation import Head, Mode, ablate, ablate_strengths, check_eps, head_means, heads_to_strength
 from .adapters import get_adapter, validate_heads
-from .forward import last_token_logits, layer_inputs, position_ids_from_mask, reuse_residual
+from .forward import input_device, last_token_logits, layer_inputs, position_ids_from_mask, reuse_residual
 from .prompts import encode_prompts, format_prompts
-from .provenance import load_tensors_json, provenance, save_tensors_json
+from .provenance import load_tensors_json, model_record, provenance, save_tensors_json
 
 METRICS = ("kl", "refusal")
 
@@ -185,6 +187,7 @@ def ships(
     method: str = "exact",
     mean: torch.Tensor | None = None,
     progress: bool = True,
+    shard: Any = None,
 ) -> ShipsResult:
     """Exact Ships of every head (or of ``heads``) for every prompt.
 
@@ -197,6 +200,13 @@ def ships(
         refusal_tokens: token ids that start a refusal; if given, the signed refusal score too.
         method: ``"exact"`` (fast) or ``"naive"`` (reference: one head per full forward).
         mean: for ``mode="mean"``, the head means (default: computed over ``prompts``).
+        shard: share the work with other processes (see :mod:`safetyheads.distributed`). The work
+            is cut into units — one prompt × one batch of heads, exactly the forward passes of a
+            single-process run, so every score is computed the same way wherever it runs — and
+            ``shard.select`` picks this process's units, ``shard.record`` receives each finished one,
+            ``shard.gather`` returns every unit's scores. A ``(rank, world)`` pair is a static share
+            (other heads NaN; combine parts with :func:`safetyheads.distributed.merge_ships`).
+            None: all the work here.
     """
     mode = Mode.parse(mode)
     eps = check_eps(mode, eps)
@@ -211,21 +221,62 @@ def ships(
     bs = batch_size or _default_batch_size(model)
     kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan)
     refusal = torch.full_like(kl, math.nan) if rt is not None else None
-    n_steps = len(encoded) * (len(todo) if method == "naive" else math.ceil(len(todo) / bs))
+    chunks = _chunks(todo, 1 if method == "naive" else bs)
+    mine: set | None = None
+    if shard is not None:
+        from .distributed import as_shard, unit_cost
+
+        shard = as_shard(shard)
+        units = [((i, c), unit_cost(ids.shape[1], chunk, g.n_layers, method))
+                 for i, ids in enumerate(encoded) for c, chunk in enumerate(chunks)]
+        mine = set(shard.select(_work_key(model, encoded, todo, bs, method, mode, eps, rt, mean), units))
+    n_steps = len(encoded) * len(chunks) if mine is None else len(mine)
     bar = tqdm(total=n_steps, desc=f"Ships {method} ({len(todo)} heads × {len(prompts)} prompts)", disable=not progress)
+
+    def fill(i: int, chunk: list[Head], chunk_kl, chunk_ref) -> None:
+        for (layer, head), k, r in zip(chunk, chunk_kl, chunk_ref if chunk_ref is not None else [None] * len(chunk)):
+            kl[i, layer, head] = float(k)
+            if refusal is not None:
+                refusal[i, layer, head] = float(r)
+
     for i, ids in enumerate(encoded):
+        only = None if mine is None else {c for p, c in mine if p == i}
+        if only is not None and not only:
+            continue
         sweep = _sweep_naive if method == "naive" else _sweep_exact
-        for chunk, chunk_kl, chunk_ref in sweep(model, ids, todo, mode, eps, mean, bs, rt):
-            for (layer, head), k, r in zip(chunk, chunk_kl, chunk_ref if chunk_ref is not None else [None] * len(chunk)):
-                kl[i, layer, head] = float(k)
-                if refusal is not None:
-                    refusal[i, layer, head] = float(r)
+        for c, chunk_kl, chunk_ref in sweep(model, ids, chunks, mode, eps, mean, rt, only):
+            fill(i, chunks[c], chunk_kl, chunk_ref)
+            if shard is not None:
+                shard.record((i, c), (chunk_kl.tolist(), None if chunk_ref is None else chunk_ref.tolist()))
             bar.update(1)
     bar.close()
+    if shard is not None:
+        for (i, c), (chunk_kl, chunk_ref) in shard.gather().items():
+            fill(i, chunks[c], chunk_kl, chunk_ref)
     prov = provenance(model, prompts, prompt_format=prompt_format, mode=mode.value, eps=eps,
                       system_prompt=system_prompt, heads=None if heads is None else [list(h) for h in todo],
                       refusal_tokens=None if rt is None else rt.tolist())
+    if shard is not None:
+        prov["shard"] = shard.describe()
     return ShipsResult(kl, refusal, list(prompts), method, prov)
+
+
+def _chunks(todo: list[Head], size: int) -> list[list[Head]]:
+    """The batches of heads of one prompt's sweep (one forward pass each), in order."""
+    return [todo[s:s + size] for s in range(0, len(todo), size)]
+
+
+def _work_key(model, encoded, todo, bs, method, mode, eps, rt, mean) -> dict:
+    """Everything that fixes what a work unit computes (for sharded runs and their checkpoints)."""
+    ids = hashlib.sha256()
+    for t in encoded:
+        ids.update(t.numpy().astype("int64").tobytes())
+        ids.update(b"|")
+    record = {k: v for k, v in model_record(model).items() if k != "device"}
+    return {"kind": "ships", "model": record, "ids": ids.hexdigest(), "heads": [list(h) for h in todo],
+            "batch": 1 if method == "naive" else bs, "method": method, "mode": mode.value, "eps": eps,
+            "refusal_tokens": None if rt is None else rt.tolist(),
+            "mean": None if mean is None else hashlib.sha256(mean.double().cpu().numpy().tobytes()).hexdigest()}
 
 
 def _means_over(model, encoded: list[torch.Tensor]) -> torch.Tensor:
@@ -245,29 +296,35 @@ def _scores(base_logits, logits, rt):
     return kl, ref
 
 
-def _sweep_exact(model, ids, todo, mode, eps, mean, bs, rt) -> Iterator:
-    """One prompt: chunks of heads, one head per row, residual reused below the chunk's lowest layer."""
+def _sweep_exact(model, ids, chunks, mode, eps, mean, rt, only=None) -> Iterator:
+    """One prompt: chunks of heads, one head per row, residual reused below the chunk's lowest layer.
+
+    Yields ``(chunk index, kl, refusal)``; ``only``: the chunk indices to compute (None: all)."""
     mask = torch.ones_like(ids)
     inputs, base_logits = layer_inputs(model, ids, mask)
-    for start in range(0, len(todo), bs):
-        chunk = todo[start:start + bs]
+    for c, chunk in enumerate(chunks):
+        if only is not None and c not in only:
+            continue
         low = min(layer for layer, _ in chunk)
         strength = heads_to_strength(model, [[h] for h in chunk])
         rows = len(chunk)
         with reuse_residual(model, low, inputs[low]), ablate_strengths(model, strength, mode=mode, eps=eps, mean=mean):
             logits = last_token_logits(model, ids.expand(rows, -1), mask.expand(rows, -1))
         kl, ref = _scores(base_logits, logits, rt)
-        yield chunk, kl, ref
+        yield c, kl, ref
 
 
-def _sweep_naive(model, ids, todo, mode, eps, mean, bs, rt) -> Iterator:
-    """The paper's loop: one full forward (all positions' logits) per head, batch 1."""
+def _sweep_naive(model, ids, chunks, mode, eps, mean, rt, only=None) -> Iterator:
+    """The paper's loop: one full forward (all positions' logits) per head, batch 1 (chunks of one head)."""
+    ids = ids.to(input_device(model))
     base_logits = model(input_ids=ids).logits[:, -1].float()
-    for head in todo:
-        with ablate(model, [head], mode=mode, eps=eps, mean=mean):
+    for c, chunk in enumerate(chunks):
+        if only is not None and c not in only:
+            continue
+        with ablate(model, chunk, mode=mode, eps=eps, mean=mean):
             logits = model(input_ids=ids).logits[:, -1].float()
         kl, ref = _scores(base_logits, logits, rt)
-        yield [head], kl, ref
+        yield c, kl, ref
 
 
 # --------------------------------------------------------------------------- estimates
