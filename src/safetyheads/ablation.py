@@ -343,9 +343,9 @@ def head_means(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
     handles = [ad.o_module(layer).register_forward_pre_hook(make_hook(layer)) for layer in range(g.n_layers)]
     try:
-        from .forward import position_ids_from_mask
+        from .forward import input_device, position_ids_from_mask
 
-        dev = ad.layers[0].parameters().__next__().device
+        dev = input_device(model)
         for i in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[i : i + batch_size].to(dev)
             mask = attention_mask[i : i + batch_size].to(dev)

@@ -11,15 +11,16 @@
   refusal score of :func:`safetyheads.ships`).
 * :func:`per_query_heads` — each prompt's own top-k Ships heads (the paper's per-query experiment).
 
-Generation is deterministic. Greedy decoding is pure argmax: the model's own
-``generation_config`` (repetition penalty, default sampling, …) is ignored while generating, so a
-result does not depend on what a checkpoint ships. Sampling is top-k (default 5) at temperature
-T (default 1): prompt ``i`` of the list draws from its own ``torch.Generator`` seeded with
-``seed * 1_000_003 + i``, so the samples of a prompt do not depend on the batch size or on the
-other prompts in its batch (up to float rounding of padded batches), and the global torch RNG is
-not touched. Responses are decoded from the new tokens only, cut at the first end-of-sequence
-token (the tokenizer's and the model's EOS ids, plus the chat template's end-of-turn token when
-the prompt format is ``chat``), with special tokens skipped.
+Generation is deterministic and uses its own decoding loop (one prefill, then one token per step
+with the model's KV cache; rows that finish leave the batch, so the cost follows the tokens actually
+generated). The model's ``generation_config`` is not consulted: greedy decoding is pure argmax (no
+repetition penalty or other defaults a checkpoint may ship). Sampling is top-k (default 5) at
+temperature T (default 1): prompt ``i`` of the list draws from its own ``torch.Generator`` seeded
+with ``seed * 1_000_003 + i``, so its samples do not depend on the batch size or on the other
+prompts in its batch (up to float rounding of padded batches), and the global torch RNG is not
+touched. Responses are decoded from the new tokens only, cut at the first end-of-sequence token
+(the tokenizer's and the model's EOS ids, plus the chat template's end-of-turn token when the
+prompt format is ``chat``), with special tokens skipped.
 
 Utility on harmless prompts is measured two ways: the over-refusal rate (the judge on harmless
 responses, unablated vs ablated) and the mean per-token KL(unablated ‖ ablated) of the next-token
@@ -182,7 +183,9 @@ def _check_generation(max_new_tokens: int, sampling: bool, top_k: int, temperatu
 
 
 def _device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    from .forward import input_device
+
+    return input_device(model)
 
 
 def _normalise_rows(model, rows: Sequence[Sequence[Head]] | None, n: int) -> list[list[Head]] | None:
@@ -826,7 +829,9 @@ def teacher_forced_kl(
             sel[i, keep - n:] = True
         ids, mask = ids.to(dev), mask.to(dev)
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
-                  "use_cache": False, "logits_to_keep": keep}
+                  "use_cache": False}
+        if _forward_style(model)[1]:
+            inputs["logits_to_keep"] = keep
         base = F.log_softmax(model(**inputs).logits[:, -keep:].double(), -1)[sel.to(dev)]
         count += int(sel.sum())
         for name, heads in sets.items():
