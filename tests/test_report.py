@@ -222,6 +222,16 @@ def test_report_missing_parts_say_not_run(tmp_path):
     assert MODEL in text  # from config.json
 
 
+def test_report_partial_evaluation_and_estimate_labels(tmp_path):
+    run = make_run(tmp_path)
+    (run / "evaluation.json").unlink()  # evaluate stage interrupted: responses only
+    text = write_report(run).read_text()
+    assert "Evaluation (attack success): not run" in text
+    assert "responses exist for 3 conditions" in text
+    assert "estimate:refusal-grad" in text  # an estimate's signed score is the refusal-gradient one
+    assert "Sample responses: not run" in text
+
+
 def test_report_empty_folder_and_corrupt_files(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -140,7 +140,8 @@ def _heat(ax, fig, a: np.ndarray, *, signed: bool, cbar_label: str, cmap: str | 
             norm = Normalize(lo, hi if hi > lo else lo + 1.0)
         cm = colormaps[cmap or "viridis"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(a), cmap=cm, norm=norm, aspect="auto", interpolation="nearest")
-    cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    cax = ax.inset_axes([1.03, 0.0, 0.045, 1.0])  # exactly as tall as the heatmap
+    cb = fig.colorbar(im, cax=cax)
     cb.set_label(cbar_label, fontsize=10)
     cb.ax.tick_params(labelsize=9)
     return im

@@ -408,7 +408,12 @@ def section_summary(run: RunData, plots_dir: Path) -> str:
     parts.append('<div class="findings"><ul>' + "".join(f"<li>{f}</li>" for f in findings) + "</ul></div>")
 
     if ev is None:
-        parts.append(not_run("Evaluation (attack success)", "no evaluation.json in this run folder"))
+        partial = sorted(p.stem for p in (run.path / "responses").glob("*.jsonl")) if (run.path / "responses").is_dir() else []
+        why = "no evaluation.json in this run folder"
+        if partial:
+            why += (f" (the evaluation stage did not finish: responses exist for {len(partial)} conditions: "
+                    + ", ".join(partial) + ")")
+        parts.append(not_run("Evaluation (attack success)", why))
         return "".join(parts)
 
     meta = [f"judge <code>{esc(ev.get('judge'))}</code>" if ev.get("judge") else "",
@@ -452,6 +457,9 @@ def section_summary(run: RunData, plots_dir: Path) -> str:
         parts.append(_num_table(["condition", "metric", "value"],
                                 [[esc(u.get("name")), esc(u.get("metric")), _g(u.get("value"))] for u in util],
                                 numeric={2}))
+        definition = ((ev.get("provenance") or {}).get("utility_metric") or {}).get("definition")
+        if definition:
+            parts.append(f'<p class="muted">{esc(definition)}</p>')
     if conds or over:
         parts.append(_guarded("ASR plot", lambda: (
             f"<figure>{img(asr_bars(ev, plots_dir / 'asr.png'), 'attack success rate per condition')}<figcaption>"
@@ -479,6 +487,14 @@ def _figs_class(run: RunData) -> str:
     return "figs wide" if run.grid and run.grid[1] > 20 else "figs"
 
 
+def _method(res, metric: str) -> str:
+    """How a score was computed: an estimate's signed refusal score comes from the refusal-gradient
+    estimator even when the result is labelled with the KL estimator (the pipeline stores both in one)."""
+    if metric == "refusal" and str(res.method).startswith("estimate:"):
+        return "estimate:refusal-grad"
+    return str(res.method)
+
+
 def section_ships(run: RunData, plots_dir: Path) -> str:
     from .plots import ships_heatmap
 
@@ -493,13 +509,14 @@ def section_ships(run: RunData, plots_dir: Path) -> str:
             if metric == "refusal" and res.refusal is None:
                 continue
             name = {"kl": "KL", "refusal": "refusal log-odds drop"}[metric]
-            title = f"{'Exact' if label == 'exact' else 'Estimated'} Ships, {name} ({res.method}), mean of {len(res.prompts)} prompts"
+            method = _method(res, metric)
+            title = f"{'Exact' if label == 'exact' else 'Estimated'} Ships, {name} ({method}), {len(res.prompts)} prompts"
             p = ships_heatmap(res, plots_dir / f"{stem}_{metric}.png", metric=metric, title=title)
-            cap = (f"{esc(stem)}: {esc(res.method)}, {len(res.prompts)} prompts. Numbered boxes: the 5 highest heads. "
+            cap = (f"{esc(stem)}: {esc(method)}, mean of {len(res.prompts)} prompts. Numbered boxes: the 5 highest heads. "
                    + ("KL of the next-token distribution when the head alone is ablated."
                       if metric == "kl" else "Signed: positive means the head supports refusing."))
             figs.append(f"<figure>{img(p, title)}<figcaption>{cap}</figcaption></figure>")
-            columns.append((f"{label}: {name}<br><span class='muted'>{esc(res.method)}</span>", res, metric))
+            columns.append((f"{label}: {name}<br><span class='muted'>{esc(method)}</span>", res, metric))
     out = ["<p>Ships(q, h) = KL(p(·|q) ‖ p(·|q; h ablated)) at the last prompt position; the dataset view is "
            "each head's mean over prompts.</p>", f'<div class="{_figs_class(run)}">' + "".join(figs) + "</div>"]
     if columns:
