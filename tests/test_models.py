@@ -253,7 +253,7 @@ def test_local_tiny_llama_options(tiny_dir: pathlib.Path) -> None:
     model, _ = load_model(str(tiny_dir), dtype="bf16", attn_implementation="eager")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config._attn_implementation == "eager"
-    model, _ = load_model(str(tiny_dir), device_map="cpu", dtype=torch.float32)
+    model, _ = load_model(tiny_dir, device_map="cpu", dtype=torch.float32)  # a Path works too
     assert model_info(model)["dtype"] == "float32"
 
 

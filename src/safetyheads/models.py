@@ -778,7 +778,7 @@ def _finish(
 
 
 def load_model(
-    name: str,
+    name: str | os.PathLike[str],
     *,
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
@@ -811,6 +811,8 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
