@@ -52,13 +52,25 @@ def subspace(M: torch.Tensor, rank: int, *, center: bool = False, space: str = "
     """Orthonormal basis (columns) of the top-``rank`` singular subspace of ``M`` (N × d), float64.
 
     ``space="feature"``: right singular vectors (in R^d); ``"query"``: left singular vectors (R^N).
+    Raises ValueError when ``M`` has numerical rank below ``rank`` (σ_rank ≤ 1e-6·σ_1: duplicate
+    prompts, collapsed representations), where the subspace would be an arbitrary choice of the SVD.
     """
+    if space not in ("feature", "query"):
+        raise ValueError("space must be 'feature' or 'query'")
     M = M.double()
     if center:
         M = M - M.mean(0, keepdim=True)
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
     if rank > min(M.shape):
         raise ValueError(f"rank {rank} exceeds min(n_prompts, d) = {min(M.shape)}")
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    if not S[rank - 1] > 1e-6 * S[0]:
+        numerical = int((S > 1e-6 * S[0]).sum()) if S[0] > 0 else 0
+        raise ValueError(
+            f"the {'centred ' if center else ''}representation matrix has numerical rank {numerical} < rank {rank} "
+            "(duplicate prompts or collapsed representations?): its top-rank subspace is not defined"
+        )
     return (U[:, :rank] if space == "query" else Vh[:rank].T).contiguous()
 
 
@@ -70,6 +82,11 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     loses them near 1) and results are exactly 0 for identical spans up to rounding.
     """
     A, B = A.double(), B.double()
+    for name, X in (("A", A), ("B", B)):
+        if X.dim() != 2 or X.shape[0] != A.shape[0] or X.shape[1] > X.shape[0]:
+            raise ValueError(f"{name} must be [n, r] with r <= n and the same n as A, got {tuple(X.shape)}")
+        if (X.T @ X - torch.eye(X.shape[1], dtype=X.dtype, device=X.device)).abs().max() > 1e-6:
+            raise ValueError(f"{name} does not have orthonormal columns: pass an orthonormal basis (see subspace())")
     cos = torch.linalg.svdvals(A.T @ B).clamp(0, 1)  # descending
     sin = torch.linalg.svdvals(B - A @ (A.T @ B)).clamp(0, 1)
     sin = sin.flip(0)  # ascending, pairs with descending cosines
@@ -260,9 +277,9 @@ def sahara(
     """
     mode = Mode.parse(mode)
     eps = check_eps(mode, eps)
-    base_cfg = dict(PRESETS[preset]) if preset else {"rank": 1, "center": False}
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+    base_cfg = dict(PRESETS[preset]) if preset else {"rank": 1, "center": False}
     rank = base_cfg["rank"] if rank is None else int(rank)
     center = base_cfg["center"] if center is None else bool(center)
     if space not in ("feature", "query"):

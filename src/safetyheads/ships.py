@@ -83,8 +83,8 @@ class ShipsResult:
     def dataset_top(self, k: int = 10, metric: str = "kl") -> list[Head]:
         """The ``k`` heads with the highest mean score."""
         m = torch.nan_to_num(self.mean(metric), nan=-math.inf)
-        idx = m.flatten().topk(k).indices
-        return [(int(i) // m.shape[1], int(i) % m.shape[1]) for i in idx]
+        vals, idx = m.flatten().topk(min(k, m.numel()))
+        return [(int(i) // m.shape[1], int(i) % m.shape[1]) for v, i in zip(vals, idx) if v > -math.inf]
 
     def topk_frequency(self, k: int = 10, metric: str = "kl") -> torch.Tensor:
         """How often each head is in a prompt's top-``k`` (share of prompts), ``[n_layers, n_heads]``."""
@@ -419,7 +419,8 @@ def ships_estimate(
     g = get_adapter(model).geometry
     kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan)
     refusal = torch.full_like(kl, math.nan) if estimator == "refusal-grad" else None
-    mean = _means_over(model, _encode(model, tokenizer, prompts, prompt_format, system_prompt)) if mode is Mode.MEAN else None
+    encoded = _encode(model, tokenizer, prompts, prompt_format, system_prompt)  # empty / over-long prompts
+    mean = _means_over(model, encoded) if mode is Mode.MEAN else None
     ad = get_adapter(model)
     dev = model.get_input_embeddings().weight.device
     bar = tqdm(total=len(prompts), desc=f"Ships estimate ({estimator})", disable=not progress)
