@@ -245,6 +245,9 @@ def test_evaluate_conditions_resumes(tokenizer, model, tmp_path, monkeypatch):
     assert pq["heads"] == [[list(h) for h in r] for r in rows] and pq["k"] == 2
     assert json.loads((tmp_path / "responses/per-query-top2.jsonl").read_text().splitlines()[1])["heads"] == [[1, 1], [0, 3]]
     assert next(c for c in data["conditions"] if c["name"] == "random0-top2")["seed"] == 7
+    back = Evaluation.load(tmp_path)
+    assert [c.condition_json() for c in back.conditions] == [c.condition_json() for c in first.conditions]
+    assert back.condition("per-query-top2").per_query and back.condition("per-query-top2").heads == rows
     calls.clear()
     second = evaluate_conditions(model, tokenizer, PROMPTS, conds, **kw)
     assert calls == []

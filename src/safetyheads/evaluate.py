@@ -638,7 +638,8 @@ class Evaluation:
             refusals = [bool(r["refusal"]) for r in recs]
             asr, low, high = attack_success(refusals)
             heads = entry.get("heads", [])
-            per_query = bool(heads) and bool(heads[0]) and isinstance(heads[0][0], list)
+            # a fixed head list holds [layer, head] pairs; a per-query one holds a list of pairs per prompt
+            per_query = any(isinstance(x, list) and (not x or isinstance(x[0], list)) for x in heads)
             return Condition(name=entry["name"], method=entry.get("method", "?"), k=entry.get("k", 0),
                              heads=([[tuple(h) for h in row] for row in heads] if per_query else [tuple(h) for h in heads]),
                              seed=entry.get("seed"), responses=[r["response"] for r in recs], refusals=refusals,

@@ -138,9 +138,11 @@ def kl_from_logprobs(base_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 def refusal_logodds(logits: torch.Tensor, refusal_tokens: torch.Tensor) -> torch.Tensor:
     """``log Σ_{y∈R} p_y − log Σ_{y∉R} p_y`` per row (float64, stable via logsumexp)."""
     lg = logits.double()
+    idx = refusal_tokens.to(lg.device)
     in_r = torch.zeros(lg.shape[-1], dtype=torch.bool, device=lg.device)
-    in_r[refusal_tokens.to(lg.device)] = True
-    return torch.logsumexp(lg[..., in_r], -1) - torch.logsumexp(lg[..., ~in_r], -1)
+    in_r[idx] = True
+    # index_select / masked_fill: no boolean gather over the whole vocabulary (slow on CPU)
+    return torch.logsumexp(lg.index_select(-1, idx), -1) - torch.logsumexp(lg.masked_fill(in_r, -math.inf), -1)
 
 
 def _heads_to_score(model, heads: Sequence[Head] | None) -> list[Head]:
@@ -422,7 +424,7 @@ def ships_estimate(
     encoded = _encode(model, tokenizer, prompts, prompt_format, system_prompt)  # empty / over-long prompts
     mean = _means_over(model, encoded) if mode is Mode.MEAN else None
     ad = get_adapter(model)
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     bar = tqdm(total=len(prompts), desc=f"Ships estimate ({estimator})", disable=not progress)
     with _frozen(model):
         for b0 in range(0, len(texts), batch_size):
