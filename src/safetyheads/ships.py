@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -370,9 +371,12 @@ def _fisher_directions(model, base_logits: torch.Tensor, k: int, mass: float = 1
             wy = wy * (1 - torch.tanh(row[idx].double().cpu() / cap) ** 2)[:, None]
         mu = py @ wy
         A = (wy * py[:, None]).T @ wy - torch.outer(mu, mu)
-        lam, U = torch.linalg.eigh(A)
-        lams.append(lam.flip(0)[:k].clamp(min=0))
-        vecs.append(U.flip(1)[:, :k].T)
+        # only the top-k eigenpairs (LAPACK syevr on a subset): exact, and ~10× faster than a full
+        # torch.linalg.eigh of the d × d matrix, which dominated the estimator's time on CPU
+        kk = min(k, A.shape[0])
+        lam, U = scipy.linalg.eigh(A.numpy(), subset_by_index=[A.shape[0] - kk, A.shape[0] - 1])
+        lams.append(torch.from_numpy(lam.copy()).flip(0).clamp(min=0))
+        vecs.append(torch.from_numpy(U.copy()).flip(1).T)
     return torch.stack(lams), torch.stack(vecs)
 
 
