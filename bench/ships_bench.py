@@ -1,0 +1,202 @@
+"""Ships speed and agreement: naive loop vs exact sweep vs gradient estimates, measured in one run.
+
+    python bench/ships_bench.py                          # 0.5B model, 3 AdvBench prompts, all heads
+    python bench/ships_bench.py --naive-heads 24         # time the naive loop on 24 heads, extrapolate
+    python bench/ships_bench.py --heads-subset 56 --naive-heads 8 --batch-sizes 28   # quick run
+
+What it measures (all in this process, on this machine, one after the other):
+
+1. exact sweep (``ships(method="exact")``): heads in batch rows, residual reused below the ablated
+   layer, last-position logits. With several ``--batch-sizes`` each is timed on the first prompt and
+   the fastest is used for the full run.
+2. naive loop (``method="naive"``, the paper's: one head per full forward, batch 1, full logits) on
+   ``--naive-heads`` random heads (default: all). Each prompt costs 1 + K forward passes; the full
+   loop's time is extrapolated as ``measured × (1 + H_all) / (1 + K)`` per prompt — said so in the
+   output. KL scores of the timed heads are compared with the exact sweep's.
+3. ``ships_estimate`` (Fisher, ``--directions``) vs the exact KL, and ``refusal-grad`` vs the exact
+   refusal score: time ratio and :func:`safetyheads.agreement` (Spearman of the mean scores,
+   mean per-prompt Spearman, top-10 recall).
+
+Targets (issue): exact >= 5x faster than naive with KL equal to relative 1e-4; estimate >= 50x
+faster than exact with Spearman >= 0.8 and top-10 recall >= 0.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+
+import torch
+
+import safetyheads as sh
+from safetyheads.datasets import load_prompts
+
+REFUSAL_OPENINGS = ("I'm sorry", "Sorry", "I cannot", "I can't", "As an AI", "I apologize", "I am sorry",
+                    "Unfortunately")
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def refusal_token_ids(tokenizer) -> list[int]:
+    """First token of typical refusal openings, deduplicated (order kept)."""
+    out: list[int] = []
+    for text in REFUSAL_OPENINGS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and ids[0] not in out:
+            out.append(ids[0])
+    return out
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def fmt_s(s: float) -> str:
+    return f"{s:.1f} s" if s < 600 else f"{s / 60:.1f} min"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--prompts", type=int, default=3, help="AdvBench prompts (seeded sample)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-format", default="chat")
+    ap.add_argument("--batch-size", type=int, default=None, help="exact sweep batch size (skips the trial)")
+    ap.add_argument("--batch-sizes", default="14,28,56",
+                    help="batch sizes to try on the first prompt when --batch-size is not given")
+    ap.add_argument("--heads-subset", type=int, default=None,
+                    help="restrict everything exact to K random heads (quick run)")
+    ap.add_argument("--naive-heads", type=int, default=None,
+                    help="time the naive loop on K random heads of those and extrapolate (default: all)")
+    ap.add_argument("--directions", default="1,2,4", help="Fisher directions to try")
+    ap.add_argument("--estimate-batch-size", type=int, default=8)
+    ap.add_argument("--refusal-tokens", choices=("fixed", "derive"), default="fixed",
+                    help="fixed: first tokens of typical refusals; derive: evaluate.derive_refusal_tokens")
+    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = ap.parse_args(argv)
+
+    from safetyheads.models import load_model
+
+    (model, tok), t_load = timed(lambda: load_model(args.model))
+    g = sh.head_geometry(model)
+    prompts = list(load_prompts("advbench", n=args.prompts, seed=args.seed))
+    log(f"loaded {args.model} in {t_load:.1f} s: {g.n_layers} layers × {g.n_heads} heads; "
+        f"{len(prompts)} AdvBench prompts; torch threads {torch.get_num_threads()}")
+    if args.refusal_tokens == "derive":
+        from safetyheads.evaluate import derive_refusal_tokens
+
+        rt = derive_refusal_tokens(model, tok, prompts, prompt_format=args.prompt_format)
+    else:
+        rt = refusal_token_ids(tok)
+    log(f"refusal tokens: {rt} = {[tok.decode([t]) for t in rt]}")
+
+    rng = random.Random(args.seed)
+    all_heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    universe = sorted(rng.sample(all_heads, args.heads_subset)) if args.heads_subset else all_heads
+    heads_arg = None if len(universe) == len(all_heads) else universe
+    common = dict(prompt_format=args.prompt_format, progress=False)
+
+    # 1. exact sweep: batch-size trial on the first prompt, then the full run
+    trial = {}
+    if args.batch_size is None:
+        for bs in [int(x) for x in args.batch_sizes.split(",")]:
+            _, t = timed(lambda bs=bs: sh.ships(model, tok, prompts[:1], heads=heads_arg, batch_size=bs,
+                                                refusal_tokens=rt, **common))
+            trial[bs] = t
+            log(f"exact sweep, prompt 1, batch size {bs}: {t:.1f} s")
+        best_bs = min(trial, key=trial.get)
+    else:
+        best_bs = args.batch_size
+    exact, t_exact = timed(lambda: sh.ships(model, tok, prompts, heads=heads_arg, batch_size=best_bs,
+                                            refusal_tokens=rt, **common))
+    log(f"exact sweep, {len(universe)} heads × {len(prompts)} prompts, batch size {best_bs}: {t_exact:.1f} s")
+
+    # 2. naive loop on K heads, extrapolated
+    k = min(args.naive_heads or len(universe), len(universe))
+    naive_heads = sorted(rng.sample(universe, k)) if k < len(universe) else universe
+    naive, t_naive = timed(lambda: sh.ships(model, tok, prompts, heads=naive_heads, method="naive",
+                                            refusal_tokens=rt, **common))
+    t_naive_full = t_naive * (1 + len(universe)) / (1 + k)
+    sel = torch.tensor(naive_heads)
+    kl_n = naive.kl[:, sel[:, 0], sel[:, 1]].double()
+    kl_e = exact.kl[:, sel[:, 0], sel[:, 1]].double()
+    max_rel = float(((kl_e - kl_n).abs() / kl_n.abs().clamp(min=1e-30)).max())
+    ref_n = naive.refusal[:, sel[:, 0], sel[:, 1]].double()
+    ref_e = exact.refusal[:, sel[:, 0], sel[:, 1]].double()
+    max_abs_ref = float((ref_e - ref_n).abs().max())
+    max_rel_ref = float(((ref_e - ref_n).abs() / ref_n.abs().clamp(min=1e-30)).max())
+    log(f"naive loop, {k} heads × {len(prompts)} prompts: {t_naive:.1f} s "
+        f"(extrapolated to {len(universe)} heads: {t_naive_full:.1f} s); max rel KL diff {max_rel:.2e}")
+
+    # 3. estimates
+    est_rows = []
+    for d in [int(x) for x in args.directions.split(",")]:
+        est, t = timed(lambda d=d: sh.ships_estimate(model, tok, prompts, estimator="fisher", directions=d,
+                                                     batch_size=args.estimate_batch_size, **common))
+        a = sh.agreement(est.kl, exact.kl, k=10)
+        est_rows.append({"estimator": f"fisher, {d} direction{'s' if d > 1 else ''}", "seconds": t, **a})
+        log(f"fisher d={d}: {t:.1f} s {a}")
+    est, t = timed(lambda: sh.ships_estimate(model, tok, prompts, estimator="refusal-grad", refusal_tokens=rt,
+                                             batch_size=args.estimate_batch_size, **common))
+    a = sh.agreement(est.refusal, exact.refusal, k=10)
+    # sign agreement on the exact top-10 heads by mean refusal drop
+    keep = ~torch.isnan(exact.refusal[0])
+    m_ex = torch.where(keep, exact.refusal.nanmean(0), torch.tensor(-math.inf)).flatten()
+    top = m_ex.topk(min(10, int(keep.sum()))).indices
+    sign = float((est.refusal.mean(0).flatten()[top] > 0).double().mean())
+    est_rows.append({"estimator": "refusal-grad (vs exact refusal score)", "seconds": t, **a, "sign_top10": sign})
+    log(f"refusal-grad: {t:.1f} s {a} sign(top-10 exact) {sign:.2f}")
+
+    # --------------------------------------------------------------- report
+    subset_note = "" if heads_arg is None else f" (random subset of {len(universe)} of {len(all_heads)} heads)"
+    print(f"\n## Ships bench: {args.model}, {len(prompts)} AdvBench prompts ({args.prompt_format} format), "
+          f"{g.n_layers}×{g.n_heads} heads{subset_note}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu; "
+          f"refusal tokens {[tok.decode([t]) for t in rt]}\n")
+    if trial:
+        print("Exact sweep batch-size trial (first prompt): " +
+              ", ".join(f"{bs}: {fmt_s(t)}" for bs, t in trial.items()) + f" → using {best_bs}\n")
+    extrap = "" if k == len(universe) else f"; extrapolated from {k} random heads: time × (1+{len(universe)})/(1+{k})"
+    print("| method | time | vs naive | KL max rel. diff vs naive | refusal max abs (rel) diff |")
+    print("|---|---|---|---|---|")
+    print(f"| naive loop (batch 1, full logits){extrap} | {fmt_s(t_naive_full)} | 1× | — | — |")
+    print(f"| exact sweep (batch {best_bs}) | {fmt_s(t_exact)} | **{t_naive_full / t_exact:.1f}×** | "
+          f"{max_rel:.1e} | {max_abs_ref:.1e} ({max_rel_ref:.1e}) |")
+    print()
+    print("| estimate | time | vs exact | Spearman (means) | per-prompt Spearman | top-10 recall |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for r in est_rows:
+        rec = next(v for key, v in r.items() if key.startswith("top") and key.endswith("_recall"))
+        extra = f" (sign of exact top-10: {r['sign_top10']:.2f})" if "sign_top10" in r else ""
+        print(f"| {r['estimator']}{extra} | {fmt_s(r['seconds'])} | **{t_exact / r['seconds']:.1f}×** | "
+              f"{r['spearman']:.3f} | {r['spearman_per_prompt']:.3f} | {rec:.2f} |")
+        rows.append({**r, "speedup_vs_exact": t_exact / r["seconds"]})
+    print()
+    ok_exact = t_naive_full / t_exact >= 5 and max_rel <= 1e-4
+    fisher = [r for r in rows if r["estimator"].startswith("fisher")]
+    ok_est = [r["estimator"] for r in fisher if r["speedup_vs_exact"] >= 50 and r["spearman"] >= 0.8
+              and r.get("top10_recall", 0) >= 0.7]
+    print(f"Targets: exact ≥ 5× naive at rel. 1e-4: {'met' if ok_exact else 'NOT met'}; "
+          f"estimate ≥ 50× exact with Spearman ≥ 0.8 and top-10 recall ≥ 0.7: "
+          f"{'met by ' + ', '.join(ok_est) if ok_est else 'NOT met'}.")
+    out = {"model": args.model, "n_prompts": len(prompts), "n_heads": len(universe), "batch_size": best_bs,
+           "batch_trial_s": trial, "exact_s": t_exact, "naive_measured_s": t_naive, "naive_heads": k,
+           "naive_extrapolated_s": t_naive_full, "kl_max_rel_diff": max_rel, "refusal_max_abs_diff": max_abs_ref,
+           "estimates": rows, "refusal_tokens": rt, "load_s": t_load}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
