@@ -220,6 +220,24 @@ def test_reuse_equals_no_reuse(llama, tok):
     assert [s.scores for s in a.steps] == [s.scores for s in b.steps]
 
 
+def test_later_steps_reuse_the_chosen_heads_residual(llama, tok, monkeypatch):
+    """In every step, a candidate's forward pass starts at the candidate's own layer: the residual
+    below it is cached from the model with the already chosen heads ablated (so step 2 is as cheap
+    as step 1, not a full forward whenever a chosen head sits in layer 0)."""
+    starts = []
+    orig = sahara_mod.reuse_residual
+
+    def spy(model, start, hidden):
+        starts.append(start if hidden is not None else 0)
+        return orig(model, start, hidden)
+
+    monkeypatch.setattr(sahara_mod, "reuse_residual", spy)
+    res = sahara(llama, tok, P7, steps=2, batch_size=len(P7), progress=False)
+    cands = [(layer, h) for layer in range(3) for h in range(4)]
+    step2 = [h for h in cands if h != res.heads[0]]
+    assert starts == [layer for layer, _ in cands] + [layer for layer, _ in step2]
+
+
 def test_batch_size_does_not_change_scores(llama, tok):
     """Sahara's scores do not depend on how prompts are batched (batch 1 vs all 7 in one padded
     batch) beyond float32 rounding: 1e-4 rad."""

@@ -17,6 +17,7 @@ centring — the paper sums principal angles, which needs rank > 1, but does not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -175,37 +176,63 @@ class SaharaConfig:
 
 
 class _Reps:
-    """Final-norm last-token states of all prompts, with the unablated residual cached per layer."""
+    """Final-norm last-token states of all prompts, with the residual stream cached per layer.
+
+    The cache holds the layer inputs of the model under the ablation ``self.under`` (at first none;
+    :meth:`rebase` moves it to the heads already chosen). An ablation that adds heads to ``under``
+    changes nothing below the lowest added head's layer, so only the layers from there on run — in
+    every greedy step, not just the first. Exact: the same operations on the same batch shapes.
+    """
 
     def __init__(self, model, tokenizer, texts: list[str], batch_size: int, reuse: bool) -> None:
         self.model = model
         self.batch_size = batch_size
-        self.blocks = []  # (ids, mask, layer inputs or None)
-        layers = get_adapter(model).layers
+        self.reuse = reuse
+        self.under: torch.Tensor | None = None
+        self.blocks = []  # (ids, mask, layer inputs or None, last hidden)
         for b0 in range(0, len(texts), batch_size):
             enc = encode_prompts(tokenizer, texts[b0:b0 + batch_size])
             ids, mask = enc["input_ids"], enc["attention_mask"]
-            inputs: list[torch.Tensor] = []
-            if reuse:
-                handles = [layer.register_forward_pre_hook(
-                    lambda m, a, k, inputs=inputs: inputs.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
-                    for layer in layers]
-            try:
-                with torch.no_grad():
-                    h = last_token_hidden(model, ids, mask)
-            finally:
-                if reuse:
-                    for hd in handles:
-                        hd.remove()
-            self.blocks.append((ids, mask, inputs or None, h))
+            inputs, h = self._run(ids, mask, None, None, 0.0)
+            self.blocks.append((ids, mask, inputs, h))
         self.base = torch.cat([b[3] for b in self.blocks]).double()
+
+    def _run(self, ids, mask, strength, mode, eps) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """One full forward of a block (ablated by ``strength`` if given), capturing layer inputs if reusing."""
+        inputs: list[torch.Tensor] = []
+        handles = [layer.register_forward_pre_hook(
+            lambda m, a, k, inputs=inputs: inputs.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
+            for layer in get_adapter(self.model).layers] if self.reuse else []
+        try:
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if strength is not None:
+                    stack.enter_context(_ablate(self.model, strength, mode=mode, eps=eps, attention_mask=mask))
+                h = last_token_hidden(self.model, ids, mask)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return inputs or None, h
+
+    def rebase(self, strength: torch.Tensor, mode: Mode, eps: float) -> None:
+        """Cache the layer inputs of the model ablated by ``strength`` (the heads chosen so far)."""
+        if not self.reuse or not strength.any():
+            return
+        self.blocks = [(ids, mask, self._run(ids, mask, strength, mode, eps)[0], h) for ids, mask, _, h in self.blocks]
+        self.under = strength.clone()
 
     def ablated(self, strength: torch.Tensor, mode: Mode, eps: float) -> torch.Tensor:
         """M' for one ablation (strength ``[1, L, H]``)."""
-        low = int(torch.nonzero(strength[0].sum(1))[0, 0]) if strength.any() else 0
+        added = strength
+        if self.under is not None:
+            added = strength - self.under
+            if (added < 0).any() or (self.under.bool() & added.bool()).any():
+                raise RuntimeError("internal error: the cached ablation is not part of this one")
+        low = int(torch.nonzero(added[0].sum(1))[0, 0]) if added.any() else 0
+        # low == 0 (or no cache): run every layer under `strength`
+        cached = [inputs[low] if inputs and low > 0 else None for _, _, inputs, _ in self.blocks]
         out = []
-        for ids, mask, inputs, _ in self.blocks:
-            with torch.no_grad(), reuse_residual(self.model, low, inputs[low] if inputs else None), \
+        for (ids, mask, _, _), hidden in zip(self.blocks, cached):
+            with torch.no_grad(), reuse_residual(self.model, low, hidden), \
                     _ablate(self.model, strength, mode=mode, eps=eps, attention_mask=mask):
                 out.append(last_token_hidden(self.model, ids, mask))
         return torch.cat(out).double()
@@ -349,6 +376,8 @@ def sahara(
     done: list[dict] = state["done"]
     chosen: list[Head] = [tuple(s["chosen"]) for s in done]
     for step in range(len(done), steps):
+        if chosen:  # reuse the residual of the model with the chosen heads ablated below each candidate
+            reps.rebase(heads_to_strength(model, [chosen]), mode, eps)
         partial = {tuple(json.loads(k)): v for k, v in state["partial"].items()}
         todo = [h for h in pool if h not in chosen and h not in partial]
         last_save = time.perf_counter()
