@@ -109,12 +109,19 @@ def _results(run: Path) -> dict:
             "responses": {p.name: p.read_text() for p in sorted((run / "responses").glob("*.jsonl"))}}
 
 
-@pytest.mark.slow
-def test_tiny_run_end_to_end(tmp_path):
-    """`safetyheads run` on SmolLM2 writes every artifact and a report that names the heads."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted tiny run, shared by the tests below (each run costs minutes on CPU)."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
     r = cli("run", *SMALL, "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tiny_run):
+    """`safetyheads run` on SmolLM2 writes every artifact and a report that names the heads."""
+    out, r = tiny_run
     for name in ("config.json", "prompts.json", "ships.json", "ships.safetensors", "ships_estimate.json",
                  "sahara.json", "evaluation.json", "report.html", "run.log"):
         assert (out / name).exists(), name
@@ -138,10 +145,9 @@ def test_tiny_run_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted(tmp_path):
+def test_resume_after_kill_equals_uninterrupted(tiny_run, tmp_path):
     """kill -9 in the middle of a run, rerun the same command: the results equal an uninterrupted run."""
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert cli("run", *SMALL, "--out", str(ref)).returncode == 0
+    ref, cut = tiny_run[0], tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "safetyheads.cli", "run", *SMALL, "--out", str(cut)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
