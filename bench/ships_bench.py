@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-format", default="chat")
     ap.add_argument("--batch-size", type=int, default=None, help="exact sweep batch size (skips the trial)")
-    ap.add_argument("--batch-sizes", default="14,28,56",
+    ap.add_argument("--batch-sizes", default="28,56,112,168",
                     help="batch sizes to try on the first prompt when --batch-size is not given")
     ap.add_argument("--heads-subset", type=int, default=None,
                     help="restrict everything exact to K random heads (quick run)")
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="time the naive loop on K random heads of those and extrapolate (default: all)")
     ap.add_argument("--directions", default="1,2,4", help="Fisher directions to try")
     ap.add_argument("--estimate-batch-size", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2, help="time each estimate this many times, keep the fastest")
     ap.add_argument("--refusal-tokens", choices=("fixed", "derive"), default="fixed",
                     help="fixed: first tokens of typical refusals; derive: evaluate.derive_refusal_tokens")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -105,12 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     common = dict(prompt_format=args.prompt_format, progress=False)
 
     # 1. exact sweep: batch-size trial on the first prompt, then the full run
-    trial = {}
+    trial, trial_kl = {}, {}
     if args.batch_size is None:
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
-            _, t = timed(lambda bs=bs: sh.ships(model, tok, prompts[:1], heads=heads_arg, batch_size=bs,
+            r, t = timed(lambda bs=bs: sh.ships(model, tok, prompts[:1], heads=heads_arg, batch_size=bs,
                                                 refusal_tokens=rt, **common))
-            trial[bs] = t
+            trial[bs], trial_kl[bs] = t, r.kl[0].double()
             log(f"exact sweep, prompt 1, batch size {bs}: {t:.1f} s")
         best_bs = min(trial, key=trial.get)
     else:
@@ -128,24 +129,39 @@ def main(argv: list[str] | None = None) -> dict:
     sel = torch.tensor(naive_heads)
     kl_n = naive.kl[:, sel[:, 0], sel[:, 1]].double()
     kl_e = exact.kl[:, sel[:, 0], sel[:, 1]].double()
-    max_rel = float(((kl_e - kl_n).abs() / kl_n.abs().clamp(min=1e-30)).max())
+    rel = (kl_e - kl_n).abs() / kl_n.abs().clamp(min=1e-30)
+    max_rel = float(rel.max())
+    worst_kl = float(kl_n.flatten()[rel.argmax()])
+    big = kl_n >= 1e-3
+    max_rel_big = float(rel[big].max()) if big.any() else math.nan
+    # float32 noise floor: the same exact sweep at two batch sizes (only the batch shape differs)
+    floor = math.nan
+    if len(trial_kl) > 1:
+        a, b = list(trial_kl.values())[:2]
+        keep = ~torch.isnan(a)
+        floor = float(((a - b).abs()[keep] / b.abs()[keep].clamp(min=1e-30)).max())
     ref_n = naive.refusal[:, sel[:, 0], sel[:, 1]].double()
     ref_e = exact.refusal[:, sel[:, 0], sel[:, 1]].double()
     max_abs_ref = float((ref_e - ref_n).abs().max())
     max_rel_ref = float(((ref_e - ref_n).abs() / ref_n.abs().clamp(min=1e-30)).max())
     log(f"naive loop, {k} heads × {len(prompts)} prompts: {t_naive:.1f} s "
-        f"(extrapolated to {len(universe)} heads: {t_naive_full:.1f} s); max rel KL diff {max_rel:.2e}")
+        f"(extrapolated to {len(universe)} heads: {t_naive_full:.1f} s); max rel KL diff {max_rel:.2e} "
+        f"(at KL {worst_kl:.2e}; {max_rel_big:.2e} over KL >= 1e-3); exact vs exact at another batch size {floor:.2e}")
 
     # 3. estimates
     est_rows = []
+    def fastest(fn):
+        runs = [timed(fn) for _ in range(max(1, args.repeat))]
+        return runs[0][0], min(t for _, t in runs)
+
     for d in [int(x) for x in args.directions.split(",")]:
-        est, t = timed(lambda d=d: sh.ships_estimate(model, tok, prompts, estimator="fisher", directions=d,
-                                                     batch_size=args.estimate_batch_size, **common))
+        est, t = fastest(lambda d=d: sh.ships_estimate(model, tok, prompts, estimator="fisher", directions=d,
+                                                       batch_size=args.estimate_batch_size, **common))
         a = sh.agreement(est.kl, exact.kl, k=10)
         est_rows.append({"estimator": f"fisher, {d} direction{'s' if d > 1 else ''}", "seconds": t, **a})
         log(f"fisher d={d}: {t:.1f} s {a}")
-    est, t = timed(lambda: sh.ships_estimate(model, tok, prompts, estimator="refusal-grad", refusal_tokens=rt,
-                                             batch_size=args.estimate_batch_size, **common))
+    est, t = fastest(lambda: sh.ships_estimate(model, tok, prompts, estimator="refusal-grad", refusal_tokens=rt,
+                                               batch_size=args.estimate_batch_size, **common))
     a = sh.agreement(est.refusal, exact.refusal, k=10)
     # sign agreement on the exact top-10 heads by mean refusal drop
     keep = ~torch.isnan(exact.refusal[0])
@@ -171,6 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| exact sweep (batch {best_bs}) | {fmt_s(t_exact)} | **{t_naive_full / t_exact:.1f}×** | "
           f"{max_rel:.1e} | {max_abs_ref:.1e} ({max_rel_ref:.1e}) |")
     print()
+    print(f"KL relative differences, exact vs naive, {kl_n.numel()} (prompt, head) pairs: max {max_rel:.1e} "
+          f"(at a head with KL {worst_kl:.1e}), max over the {int(big.sum())} pairs with KL ≥ 1e-3: {max_rel_big:.1e}. "
+          f"Float32 noise floor (the exact sweep of prompt 1 at batch sizes {list(trial_kl)[:2]}, nothing else "
+          f"different): max rel. diff {floor:.1e}.\n")
+    print(f"Estimate times: fastest of {max(1, args.repeat)} runs each.\n")
     print("| estimate | time | vs exact | Spearman (means) | per-prompt Spearman | top-10 recall |")
     print("|---|---|---|---|---|---|")
     rows = []
@@ -190,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'met by ' + ', '.join(ok_est) if ok_est else 'NOT met'}.")
     out = {"model": args.model, "n_prompts": len(prompts), "n_heads": len(universe), "batch_size": best_bs,
            "batch_trial_s": trial, "exact_s": t_exact, "naive_measured_s": t_naive, "naive_heads": k,
-           "naive_extrapolated_s": t_naive_full, "kl_max_rel_diff": max_rel, "refusal_max_abs_diff": max_abs_ref,
+           "naive_extrapolated_s": t_naive_full, "kl_max_rel_diff": max_rel, "kl_worst_value": worst_kl,
+           "kl_max_rel_diff_kl_ge_1e-3": max_rel_big, "float32_floor_rel": floor, "refusal_max_abs_diff": max_abs_ref,
            "estimates": rows, "refusal_tokens": rt, "load_s": t_load}
     if args.json:
         with open(args.json, "w") as f:
