@@ -42,7 +42,7 @@ class RunConfig(BaseModel):
     column: str | None = Field(None, description="column of a user file holding the prompt")
     harmless: str | None = Field("rho-benign-edgy", description="harmless prompts for over-refusal (None: skip)")
     n_attribution: int = Field(16, ge=1, description="prompts used to find heads (Ships estimate, Sahara)")
-    n_ships_exact: int = Field(3, ge=0, description="of those, prompts scored by the exact Ships sweep (0: skip)")
+    n_ships_exact: int = Field(1, ge=0, description="of those, prompts scored by the exact Ships sweep (0: skip)")
     n_eval: int = Field(32, ge=1, description="held-out prompts for attack success (disjoint from attribution)")
     n_harmless: int = Field(16, ge=0, description="harmless prompts for over-refusal")
     prompt_format: Literal["chat", "template", "raw"] = "chat"
