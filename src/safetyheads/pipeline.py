@@ -172,12 +172,15 @@ class Run:
 
     def stage_sahara(self) -> None:
         from .sahara import sahara
+        from .ships import ShipsResult
 
         c = self.cfg
+        # the Fisher estimate of the ships stage is the "estimate" prefilter: no need to compute it again
+        est = ShipsResult.load(self.out / "ships_estimate").mean("kl")
         res = sahara(self.model, self.tokenizer, self.prompts["attribution"], steps=c.steps, mode=c.mode, eps=c.eps,
                      preset=c.sahara_preset, prompt_format=c.prompt_format, system_prompt=c.system_prompt,
                      prefilter=None if c.prefilter == "none" else c.prefilter, prefilter_k=c.prefilter_k,
-                     batch_size=c.batch_size, checkpoint=self.out / "sahara.ckpt.json", progress=self.progress)
+                     prefilter_scores=est, batch_size=c.batch_size, checkpoint=self.out / "sahara.ckpt.json", progress=self.progress)
         res.save(self.out / "sahara.json")
         (self.out / "sahara.ckpt.json").unlink(missing_ok=True)
 

@@ -270,6 +270,7 @@ def sahara(
     candidates: Sequence[Head] | None = None,
     prefilter: str | None = None,
     prefilter_k: int = 24,
+    prefilter_scores: torch.Tensor | None = None,
     batch_size: int = 32,
     reuse: bool = True,
     checkpoint: str | Path | None = None,
@@ -289,6 +290,8 @@ def sahara(
         prefilter: ``None`` (exhaustive), ``"estimate"`` (keep the ``prefilter_k`` heads with the highest
             mean estimated Ships, from :func:`~safetyheads.ships.ships_estimate`) or ``"exact-subset"``
             (keep the ``prefilter_k`` best step-1 scores computed on the first ``min(8, N)`` prompts).
+        prefilter_scores: with ``prefilter="estimate"``, per-head scores ``[n_layers, n_heads]`` already
+            computed (e.g. ``ships_estimate(...).mean("kl")`` of the same prompts) instead of recomputing them.
         batch_size: prompts per forward pass.
         reuse: cache the unablated residual stream per layer (memory: layers × prompts × tokens × d).
         checkpoint: a JSON file written atomically after every step and every ``checkpoint_every_s``
@@ -369,7 +372,7 @@ def sahara(
     if prefilter and "kept" not in state:
         state["kept"] = [list(h) for h in _prefilter(model, tokenizer, prompts, cands, prefilter, prefilter_k,
                                                        mode, eps, rank, center, space, prompt_format, system_prompt,
-                                                       batch_size, progress, shard)]
+                                                       batch_size, progress, shard, prefilter_scores)]
         save_state()
     pool = [tuple(h) for h in state["kept"]] if prefilter else cands
 
@@ -430,11 +433,13 @@ def sahara(
 
 
 def _prefilter(model, tokenizer, prompts, cands, how, k, mode, eps, rank, center, space, prompt_format,
-               system_prompt, batch_size, progress, shard=None) -> list[Head]:
+               system_prompt, batch_size, progress, shard=None, scores=None) -> list[Head]:
     """The ``k`` most promising candidates (see :func:`sahara`)."""
     if len(cands) <= k:
         return list(cands)
-    if how == "estimate":
+    if how == "estimate" and scores is not None:
+        vals = {h: float(scores[h]) for h in cands}
+    elif how == "estimate":
         from .ships import ships_estimate
 
         est = ships_estimate(model, tokenizer, prompts, mode=mode, eps=eps, prompt_format=prompt_format,
