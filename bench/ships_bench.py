@@ -12,7 +12,9 @@ What it measures (all in this process, on this machine, one after the other):
 2. naive loop (``method="naive"``, the paper's: one head per full forward, batch 1, full logits) on
    ``--naive-heads`` random heads (default: all). Each prompt costs 1 + K forward passes; the full
    loop's time is extrapolated as ``measured × (1 + H_all) / (1 + K)`` per prompt — said so in the
-   output. KL scores of the timed heads are compared with the exact sweep's.
+   output. KL scores of the timed heads are compared with the exact sweep's. The exact sweep and the
+   naive loop run interleaved, prompt by prompt, and both wall and CPU time are reported: on a shared
+   machine other processes' load changes wall times by several × within minutes.
 3. ``ships_estimate`` (Fisher, ``--directions``) vs the exact KL, and ``refusal-grad`` vs the exact
    refusal score: time ratio and :func:`safetyheads.agreement` (Spearman of the mean scores,
    mean per-prompt Spearman, top-10 recall).
@@ -54,9 +56,10 @@ def refusal_token_ids(tokenizer) -> list[int]:
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(result, wall seconds, CPU seconds of this process, all threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def fmt_s(s: float) -> str:
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from safetyheads.models import load_model
 
-    (model, tok), t_load = timed(lambda: load_model(args.model))
+    (model, tok), t_load, _ = timed(lambda: load_model(args.model))
     g = sh.head_geometry(model)
     prompts = list(load_prompts("advbench", n=args.prompts, seed=args.seed))
     log(f"loaded {args.model} in {t_load:.1f} s: {g.n_layers} layers × {g.n_heads} heads; "
@@ -105,30 +108,44 @@ def main(argv: list[str] | None = None) -> dict:
     heads_arg = None if len(universe) == len(all_heads) else universe
     common = dict(prompt_format=args.prompt_format, progress=False)
 
-    # 1. exact sweep: batch-size trial on the first prompt, then the full run
+    # 1. exact sweep: batch-size trial on the first prompt
     trial, trial_kl = {}, {}
     if args.batch_size is None:
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
-            r, t = timed(lambda bs=bs: sh.ships(model, tok, prompts[:1], heads=heads_arg, batch_size=bs,
-                                                refusal_tokens=rt, **common))
+            r, t, _ = timed(lambda bs=bs: sh.ships(model, tok, prompts[:1], heads=heads_arg, batch_size=bs,
+                                                   refusal_tokens=rt, **common))
             trial[bs], trial_kl[bs] = t, r.kl[0].double()
             log(f"exact sweep, prompt 1, batch size {bs}: {t:.1f} s")
         best_bs = min(trial, key=trial.get)
     else:
         best_bs = args.batch_size
-    exact, t_exact = timed(lambda: sh.ships(model, tok, prompts, heads=heads_arg, batch_size=best_bs,
-                                            refusal_tokens=rt, **common))
-    log(f"exact sweep, {len(universe)} heads × {len(prompts)} prompts, batch size {best_bs}: {t_exact:.1f} s")
 
-    # 2. naive loop on K heads, extrapolated
+    # 2. exact sweep and naive loop (K heads, extrapolated), interleaved prompt by prompt so that load
+    #    from other processes on a shared machine hits both alike; wall and CPU time both recorded
     k = min(args.naive_heads or len(universe), len(universe))
     naive_heads = sorted(rng.sample(universe, k)) if k < len(universe) else universe
-    naive, t_naive = timed(lambda: sh.ships(model, tok, prompts, heads=naive_heads, method="naive",
-                                            refusal_tokens=rt, **common))
-    t_naive_full = t_naive * (1 + len(universe)) / (1 + k)
+    ex_parts, nv_parts = [], []
+    t_exact = c_exact = t_naive = c_naive = 0.0
+    for i, p in enumerate(prompts):
+        r, t, c = timed(lambda p=p: sh.ships(model, tok, [p], heads=heads_arg, batch_size=best_bs,
+                                             refusal_tokens=rt, **common))
+        ex_parts.append(r)
+        t_exact, c_exact = t_exact + t, c_exact + c
+        log(f"prompt {i + 1}: exact sweep of {len(universe)} heads (batch {best_bs}) {t:.1f} s wall, {c:.1f} s CPU")
+        r, t, c = timed(lambda p=p: sh.ships(model, tok, [p], heads=naive_heads, method="naive",
+                                             refusal_tokens=rt, **common))
+        nv_parts.append(r)
+        t_naive, c_naive = t_naive + t, c_naive + c
+        log(f"prompt {i + 1}: naive loop of {k} heads {t:.1f} s wall, {c:.1f} s CPU")
+    exact_kl = torch.cat([r.kl for r in ex_parts])
+    exact_ref = torch.cat([r.refusal for r in ex_parts])
+    naive_kl = torch.cat([r.kl for r in nv_parts])
+    naive_ref = torch.cat([r.refusal for r in nv_parts])
+    scale = (1 + len(universe)) / (1 + k)
+    t_naive_full, c_naive_full = t_naive * scale, c_naive * scale
     sel = torch.tensor(naive_heads)
-    kl_n = naive.kl[:, sel[:, 0], sel[:, 1]].double()
-    kl_e = exact.kl[:, sel[:, 0], sel[:, 1]].double()
+    kl_n = naive_kl[:, sel[:, 0], sel[:, 1]].double()
+    kl_e = exact_kl[:, sel[:, 0], sel[:, 1]].double()
     rel = (kl_e - kl_n).abs() / kl_n.abs().clamp(min=1e-30)
     max_rel = float(rel.max())
     worst_kl = float(kl_n.flatten()[rel.argmax()])
@@ -140,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         a, b = list(trial_kl.values())[:2]
         keep = ~torch.isnan(a)
         floor = float(((a - b).abs()[keep] / b.abs()[keep].clamp(min=1e-30)).max())
-    ref_n = naive.refusal[:, sel[:, 0], sel[:, 1]].double()
-    ref_e = exact.refusal[:, sel[:, 0], sel[:, 1]].double()
+    ref_n = naive_ref[:, sel[:, 0], sel[:, 1]].double()
+    ref_e = exact_ref[:, sel[:, 0], sel[:, 1]].double()
     max_abs_ref = float((ref_e - ref_n).abs().max())
     max_rel_ref = float(((ref_e - ref_n).abs() / ref_n.abs().clamp(min=1e-30)).max())
     log(f"naive loop, {k} heads × {len(prompts)} prompts: {t_naive:.1f} s "
@@ -152,23 +169,24 @@ def main(argv: list[str] | None = None) -> dict:
     est_rows = []
     def fastest(fn):
         runs = [timed(fn) for _ in range(max(1, args.repeat))]
-        return runs[0][0], min(t for _, t in runs)
+        return runs[0][0], min(t for _, t, _ in runs), min(c for _, _, c in runs)
 
     for d in [int(x) for x in args.directions.split(",")]:
-        est, t = fastest(lambda d=d: sh.ships_estimate(model, tok, prompts, estimator="fisher", directions=d,
-                                                       batch_size=args.estimate_batch_size, **common))
-        a = sh.agreement(est.kl, exact.kl, k=10)
-        est_rows.append({"estimator": f"fisher, {d} direction{'s' if d > 1 else ''}", "seconds": t, **a})
+        est, t, c = fastest(lambda d=d: sh.ships_estimate(model, tok, prompts, estimator="fisher", directions=d,
+                                                          batch_size=args.estimate_batch_size, **common))
+        a = sh.agreement(est.kl, exact_kl, k=10)
+        est_rows.append({"estimator": f"fisher, {d} direction{'s' if d > 1 else ''}", "seconds": t, "cpu_s": c, **a})
         log(f"fisher d={d}: {t:.1f} s {a}")
-    est, t = fastest(lambda: sh.ships_estimate(model, tok, prompts, estimator="refusal-grad", refusal_tokens=rt,
-                                               batch_size=args.estimate_batch_size, **common))
-    a = sh.agreement(est.refusal, exact.refusal, k=10)
+    est, t, c = fastest(lambda: sh.ships_estimate(model, tok, prompts, estimator="refusal-grad", refusal_tokens=rt,
+                                                  batch_size=args.estimate_batch_size, **common))
+    a = sh.agreement(est.refusal, exact_ref, k=10)
     # sign agreement on the exact top-10 heads by mean refusal drop
-    keep = ~torch.isnan(exact.refusal[0])
-    m_ex = torch.where(keep, exact.refusal.nanmean(0), torch.tensor(-math.inf)).flatten()
+    keep = ~torch.isnan(exact_ref[0])
+    m_ex = torch.where(keep, exact_ref.nanmean(0), torch.tensor(-math.inf)).flatten()
     top = m_ex.topk(min(10, int(keep.sum()))).indices
     sign = float((est.refusal.mean(0).flatten()[top] > 0).double().mean())
-    est_rows.append({"estimator": "refusal-grad (vs exact refusal score)", "seconds": t, **a, "sign_top10": sign})
+    est_rows.append({"estimator": "refusal-grad (vs exact refusal score)", "seconds": t, "cpu_s": c, **a,
+                     "sign_top10": sign})
     log(f"refusal-grad: {t:.1f} s {a} sign(top-10 exact) {sign:.2f}")
 
     # --------------------------------------------------------------- report
@@ -181,37 +199,45 @@ def main(argv: list[str] | None = None) -> dict:
         print("Exact sweep batch-size trial (first prompt): " +
               ", ".join(f"{bs}: {fmt_s(t)}" for bs, t in trial.items()) + f" → using {best_bs}\n")
     extrap = "" if k == len(universe) else f"; extrapolated from {k} random heads: time × (1+{len(universe)})/(1+{k})"
-    print("| method | time | vs naive | KL max rel. diff vs naive | refusal max abs (rel) diff |")
-    print("|---|---|---|---|---|")
-    print(f"| naive loop (batch 1, full logits){extrap} | {fmt_s(t_naive_full)} | 1× | — | — |")
-    print(f"| exact sweep (batch {best_bs}) | {fmt_s(t_exact)} | **{t_naive_full / t_exact:.1f}×** | "
+    print("| method | wall time | CPU time | vs naive (wall / CPU) | KL max rel. diff vs naive | "
+          "refusal max abs (rel) diff |")
+    print("|---|---|---|---|---|---|")
+    print(f"| naive loop (batch 1, full logits){extrap} | {fmt_s(t_naive_full)} | {fmt_s(c_naive_full)} | 1× | — | — |")
+    print(f"| exact sweep (batch {best_bs}) | {fmt_s(t_exact)} | {fmt_s(c_exact)} | "
+          f"**{t_naive_full / t_exact:.1f}× / {c_naive_full / c_exact:.1f}×** | "
           f"{max_rel:.1e} | {max_abs_ref:.1e} ({max_rel_ref:.1e}) |")
     print()
     print(f"KL relative differences, exact vs naive, {kl_n.numel()} (prompt, head) pairs: max {max_rel:.1e} "
           f"(at a head with KL {worst_kl:.1e}), max over the {int(big.sum())} pairs with KL ≥ 1e-3: {max_rel_big:.1e}. "
           f"Float32 noise floor (the exact sweep of prompt 1 at batch sizes {list(trial_kl)[:2]}, nothing else "
           f"different): max rel. diff {floor:.1e}.\n")
-    print(f"Estimate times: fastest of {max(1, args.repeat)} runs each.\n")
-    print("| estimate | time | vs exact | Spearman (means) | per-prompt Spearman | top-10 recall |")
-    print("|---|---|---|---|---|---|")
+    print(f"The exact sweep and the naive loop ran interleaved, prompt by prompt. Estimate times: fastest of "
+          f"{max(1, args.repeat)} runs each. CPU time = this process's, all threads (less sensitive than wall "
+          f"time to other processes on a shared machine).\n")
+    print("| estimate | wall time | CPU time | vs exact (wall / CPU) | Spearman (means) | per-prompt Spearman "
+          "| top-10 recall |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for r in est_rows:
         rec = next(v for key, v in r.items() if key.startswith("top") and key.endswith("_recall"))
         extra = f" (sign of exact top-10: {r['sign_top10']:.2f})" if "sign_top10" in r else ""
-        print(f"| {r['estimator']}{extra} | {fmt_s(r['seconds'])} | **{t_exact / r['seconds']:.1f}×** | "
+        print(f"| {r['estimator']}{extra} | {fmt_s(r['seconds'])} | {fmt_s(r['cpu_s'])} | "
+              f"**{t_exact / r['seconds']:.1f}× / {c_exact / r['cpu_s']:.1f}×** | "
               f"{r['spearman']:.3f} | {r['spearman_per_prompt']:.3f} | {rec:.2f} |")
-        rows.append({**r, "speedup_vs_exact": t_exact / r["seconds"]})
+        rows.append({**r, "speedup_vs_exact": t_exact / r["seconds"], "cpu_speedup_vs_exact": c_exact / r["cpu_s"]})
     print()
-    ok_exact = t_naive_full / t_exact >= 5 and max_rel <= 1e-4
+    ok_exact = min(t_naive_full / t_exact, c_naive_full / c_exact) >= 5 and max_rel <= 1e-4
     fisher = [r for r in rows if r["estimator"].startswith("fisher")]
-    ok_est = [r["estimator"] for r in fisher if r["speedup_vs_exact"] >= 50 and r["spearman"] >= 0.8
+    ok_est = [r["estimator"] for r in fisher if min(r["speedup_vs_exact"], r["cpu_speedup_vs_exact"]) >= 50
+              and r["spearman"] >= 0.8
               and r.get("top10_recall", 0) >= 0.7]
-    print(f"Targets: exact ≥ 5× naive at rel. 1e-4: {'met' if ok_exact else 'NOT met'}; "
+    print(f"Targets (both wall and CPU ratios): exact ≥ 5× naive at rel. 1e-4: {'met' if ok_exact else 'NOT met'}; "
           f"estimate ≥ 50× exact with Spearman ≥ 0.8 and top-10 recall ≥ 0.7: "
           f"{'met by ' + ', '.join(ok_est) if ok_est else 'NOT met'}.")
     out = {"model": args.model, "n_prompts": len(prompts), "n_heads": len(universe), "batch_size": best_bs,
-           "batch_trial_s": trial, "exact_s": t_exact, "naive_measured_s": t_naive, "naive_heads": k,
-           "naive_extrapolated_s": t_naive_full, "kl_max_rel_diff": max_rel, "kl_worst_value": worst_kl,
+           "batch_trial_s": trial, "exact_s": t_exact, "exact_cpu_s": c_exact, "naive_measured_s": t_naive,
+           "naive_measured_cpu_s": c_naive, "naive_heads": k, "naive_extrapolated_s": t_naive_full,
+           "naive_extrapolated_cpu_s": c_naive_full, "kl_max_rel_diff": max_rel, "kl_worst_value": worst_kl,
            "kl_max_rel_diff_kl_ge_1e-3": max_rel_big, "float32_floor_rel": floor, "refusal_max_abs_diff": max_abs_ref,
            "estimates": rows, "refusal_tokens": rt, "load_s": t_load}
     if args.json:
