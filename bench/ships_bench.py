@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="fixed: first tokens of typical refusals; derive: evaluate.derive_refusal_tokens")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args(argv)
+    load_start = os.getloadavg()
 
     from safetyheads.models import load_model
 
@@ -124,18 +126,20 @@ def main(argv: list[str] | None = None) -> dict:
     #    from other processes on a shared machine hits both alike; wall and CPU time both recorded
     k = min(args.naive_heads or len(universe), len(universe))
     naive_heads = sorted(rng.sample(universe, k)) if k < len(universe) else universe
-    ex_parts, nv_parts = [], []
+    ex_parts, nv_parts, per_prompt = [], [], []
     t_exact = c_exact = t_naive = c_naive = 0.0
     for i, p in enumerate(prompts):
         r, t, c = timed(lambda p=p: sh.ships(model, tok, [p], heads=heads_arg, batch_size=best_bs,
                                              refusal_tokens=rt, **common))
         ex_parts.append(r)
+        ex_t = t
         t_exact, c_exact = t_exact + t, c_exact + c
         log(f"prompt {i + 1}: exact sweep of {len(universe)} heads (batch {best_bs}) {t:.1f} s wall, {c:.1f} s CPU")
         r, t, c = timed(lambda p=p: sh.ships(model, tok, [p], heads=naive_heads, method="naive",
                                              refusal_tokens=rt, **common))
         nv_parts.append(r)
         t_naive, c_naive = t_naive + t, c_naive + c
+        per_prompt.append((ex_t, t))
         log(f"prompt {i + 1}: naive loop of {k} heads {t:.1f} s wall, {c:.1f} s CPU")
     exact_kl = torch.cat([r.kl for r in ex_parts])
     exact_ref = torch.cat([r.refusal for r in ex_parts])
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"naive loop, {k} heads × {len(prompts)} prompts: {t_naive:.1f} s "
         f"(extrapolated to {len(universe)} heads: {t_naive_full:.1f} s); max rel KL diff {max_rel:.2e} "
         f"(at KL {worst_kl:.2e}; {max_rel_big:.2e} over KL >= 1e-3); exact vs exact at another batch size {floor:.2e}")
+
+    load_after_sweeps = os.getloadavg()
 
     # 3. estimates
     est_rows = []
@@ -194,7 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n## Ships bench: {args.model}, {len(prompts)} AdvBench prompts ({args.prompt_format} format), "
           f"{g.n_layers}×{g.n_heads} heads{subset_note}\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu; "
-          f"refusal tokens {[tok.decode([t]) for t in rt]}\n")
+          f"refusal tokens {[tok.decode([t]) for t in rt]}. Load average (1/5/15 min) at the start "
+          f"{load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, after the sweeps "
+          f"{load_after_sweeps[0]:.1f}/{load_after_sweeps[1]:.1f}/{load_after_sweeps[2]:.1f}, at the end "
+          f"{os.getloadavg()[0]:.1f}/{os.getloadavg()[1]:.1f}/{os.getloadavg()[2]:.1f} (this process counts ~1-2).\n")
     if trial:
         print("Exact sweep batch-size trial (first prompt): " +
               ", ".join(f"{bs}: {fmt_s(t)}" for bs, t in trial.items()) + f" → using {best_bs}\n")
@@ -211,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"(at a head with KL {worst_kl:.1e}), max over the {int(big.sum())} pairs with KL ≥ 1e-3: {max_rel_big:.1e}. "
           f"Float32 noise floor (the exact sweep of prompt 1 at batch sizes {list(trial_kl)[:2]}, nothing else "
           f"different): max rel. diff {floor:.1e}.\n")
+    print("Per prompt (wall): " + "; ".join(
+        f"prompt {i + 1}: exact {te:.0f} s, naive {tn:.0f} s for {k} heads → {tn * scale / te:.1f}× extrapolated"
+        for i, (te, tn) in enumerate(per_prompt)) + ".\n")
     print(f"The exact sweep and the naive loop ran interleaved, prompt by prompt. Estimate times: fastest of "
           f"{max(1, args.repeat)} runs each. CPU time = this process's, all threads (less sensitive than wall "
           f"time to other processes on a shared machine).\n")
