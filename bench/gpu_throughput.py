@@ -4,6 +4,7 @@
     python bench/gpu_throughput.py                      # builtin:qwen2.5-coder-1.5b-instruct, bf16, cuda:0
     python bench/gpu_throughput.py --model PATH --batch-sizes 64,128 --json out.json
     python bench/gpu_throughput.py --allow-cpu          # no GPU: a tiny random model, just to exercise the code
+    python bench/gpu_throughput.py --random-init qwen2.5-7b --tokenizer DIR   # a real shape, random weights
 
 What it measures, after loading the model (the builtin 1.5B is dequantised and cached on first use,
 up to ~3 minutes; ``--model builtin:qwen2.5-coder-0.5b-instruct`` is quicker):
@@ -167,7 +168,39 @@ def _time_forward(model, ids: torch.Tensor, batch: int, device: torch.device, mi
     return (time.perf_counter() - t0) / n
 
 
+#: real models' shapes, for ``--random-init`` (throughput depends on the shape, not on the weights)
+SHAPES = {
+    "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2.5-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                          num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2.5-7b": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),
+    "llama-3.1-8b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                          rope_theta=500000.0, tie_word_embeddings=False)),
+}
+
+
+def _random_model(shape: str, tokenizer_dir: str | None, device: torch.device, dtype: str) -> tuple[Any, Any, str]:
+    """A model of a real model's shape with random weights, built on ``device``, and a tokenizer."""
+    import transformers as tf
+
+    cls, kw = SHAPES[shape]
+    tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else _ByteTokenizer()
+    vocab = max(kw.get("vocab_size", 151936), len(tok) if tokenizer_dir else 260)
+    kw = {**kw, "vocab_size": vocab, "max_position_embeddings": 4096}
+    cfg = getattr(tf, cls)(**kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa",
+                                                    dtype=getattr(torch, dtype) if device.type == "cuda" else torch.float32)
+    return model.eval(), tok, f"random-init {shape} ({cls})"
+
+
 def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, str]:
+    if args.random_init:
+        return _random_model(args.random_init, args.tokenizer, device, args.dtype)
     if device.type == "cpu" and args.model is None:
         return _tiny_model(), _ByteTokenizer(), "tiny random llama (CPU)"
     from safetyheads.models import ModelLoadError, load_model
@@ -331,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model to load (default: builtin:qwen2.5-coder-1.5b-instruct, "
                    "falling back to the 0.5B builtin; on CPU: a tiny random model)")
+    p.add_argument("--random-init", default=None, choices=sorted(SHAPES),
+                   help="a model of this real shape with random weights (for machines without the weights)")
+    p.add_argument("--tokenizer", default=None, help="with --random-init: a saved tokenizer folder "
+                   "(default: a byte tokenizer, no chat template)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda:0, or cpu with --allow-cpu")
     p.add_argument("--prompts", type=int, default=4, help=f"prompts in the sweep (1..{len(PROMPTS)})")
@@ -351,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
               "throughput; run it on a GPU machine, or pass --allow-cpu to exercise it on a tiny model.",
               file=sys.stderr)
         return 2
-    if torch.device(args.device).type == "cpu" and args.model is None:
+    if torch.device(args.device).type == "cpu" and args.model is None and args.random_init is None:
         args.batch_sizes = ",".join(b for b in args.batch_sizes.split(",") if int(b) <= 16) or "8,16"
         args.prompts = min(args.prompts, 2)
         args.min_s = min(args.min_s, 0.3)

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Correctness on a CUDA device: the test suite's equivalences, rerun on the GPU, and GPU == CPU.
+
+    python bench/cuda_check.py                       # cuda:0; SmolLM2 tokenizer from the asset package
+    python bench/cuda_check.py --tokenizer DIR       # any saved tokenizer folder (e.g. on a machine without assets)
+    python bench/cuda_check.py --device cpu          # smoke run of the script itself (compares cpu with cpu)
+
+CI has no GPU, so the unit tests run on CPU only; this script is what checks the same things where
+users run them. It builds the tiny random-weight models of every supported architecture (the test
+suite's ``tests/tiny_models.py`` and ``tests/tiny_lm.py``) on the device, in float32, and checks:
+
+- ``ua_hook=surgery``: UA by hooking the query == UA written into W_q / q bias (no-q-norm archs).
+- ``sc_hook=surgery``: SC by hooking the o_proj input == scaled W_o columns (ε = 0.3).
+- ``zero=sc0``: zero mode == SC with ε = 0.
+- ``dev=cpu``: ablated logits on the device == on CPU.
+- ``ships_exact=naive``: exact batched Ships == the naive loop (relative to the largest KL; 1e-4).
+- ``ships_dev=cpu``: exact Ships on the device == on CPU (relative; 1e-3).
+- ``sahara_dev=cpu``: the heads a 2-step Sahara picks on the device == on CPU.
+- ``generate=surgery``: KV-cache generation under ablation == HF ``generate`` on surgery weights
+  (token-identical) and == the same generation on CPU.
+- ``bf16 exact=naive``: the exact sweep in bfloat16 vs the naive loop in bfloat16 (reported; bf16
+  rows in different batches round differently, so the bound is loose: 5e-2).
+
+Prints one line per check and a summary; exits 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+
+from tiny_lm import PROMPTS, SHIPS_ARCHS, tiny_lm  # noqa: E402
+from tiny_models import ARCHS, SURGERY_UA_ARCHS, random_ids, tiny_model  # noqa: E402
+
+import safetyheads as sh  # noqa: E402
+from safetyheads.evaluate import generate_ids  # noqa: E402
+
+HEADS = [(0, 1), (1, 3), (2, 0)]
+RESULTS: list[tuple[str, str, bool, str]] = []
+
+
+def check(arch: str, name: str, ok: bool, detail: str) -> None:
+    RESULTS.append((arch, name, ok, detail))
+    print(f"{'PASS' if ok else 'FAIL'}  {arch:10} {name:20} {detail}", flush=True)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=ids.to(dev)).logits.float().cpu()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def ablation_checks(arch: str, dev: torch.device) -> None:
+    ids = random_ids(2, 12, seed=3)
+    cpu_model = tiny_model(arch)
+    model = tiny_model(arch).to(dev)
+    if arch in SURGERY_UA_ARCHS:
+        with sh.ablate(model, HEADS, mode="ua", eps=1e-3):
+            hooked = logits(model, ids)
+        cut = logits(sh.surgery(model, HEADS, mode="ua", eps=1e-3), ids)
+        d = float((cut - hooked).abs().max())
+        check(arch, "ua_hook=surgery", d < 1e-4, f"max |Δlogit| {d:.1e}")
+    with sh.ablate(model, HEADS, mode="sc", eps=0.3):
+        hooked = logits(model, ids)
+    with sh.surgery_applied(model, HEADS, mode="sc", eps=0.3):
+        cut = logits(model, ids)
+    d = float((cut - hooked).abs().max())
+    check(arch, "sc_hook=surgery", d < 1e-4, f"max |Δlogit| {d:.1e}")
+    with sh.ablate(model, HEADS, mode="zero"):
+        z = logits(model, ids)
+    with sh.ablate(model, HEADS, mode="sc", eps=0.0):
+        s0 = logits(model, ids)
+    d = float((z - s0).abs().max())
+    check(arch, "zero=sc0", d < 1e-5, f"max |Δlogit| {d:.1e}")
+    with sh.ablate(model, HEADS, mode="ua", eps=1e-5):
+        on_dev = logits(model, ids)
+    with sh.ablate(cpu_model, HEADS, mode="ua", eps=1e-5):
+        on_cpu = logits(cpu_model, ids)
+    d = float((on_dev - on_cpu).abs().max())
+    check(arch, "dev=cpu", d < 1e-3, f"max |Δlogit| {d:.1e}")
+
+
+def lm_checks(arch: str, dev: torch.device, tok, refusal: list[int], bf16: bool) -> None:
+    vocab = len(tok)
+    cpu_model = tiny_lm(arch, vocab)
+    model = tiny_lm(arch, vocab).to(dev)
+    kw = dict(prompt_format="chat", progress=False, refusal_tokens=refusal)
+    exact = sh.ships(model, tok, PROMPTS[:3], batch_size=5, **kw)
+    naive = sh.ships(model, tok, PROMPTS[:3], method="naive", **kw)
+    r = rel(exact.kl, naive.kl)
+    check(arch, "ships_exact=naive", r < 1e-4, f"rel {r:.1e} (max KL {float(naive.kl.max()):.3g})")
+    on_cpu = sh.ships(cpu_model, tok, PROMPTS[:3], batch_size=5, **kw)
+    r = rel(exact.kl, on_cpu.kl)
+    r2 = rel(exact.metric("refusal"), on_cpu.metric("refusal"))
+    check(arch, "ships_dev=cpu", max(r, r2) < 1e-3, f"rel KL {r:.1e}, rel refusal {r2:.1e}")
+
+    skw = dict(steps=2, prompt_format="chat", preset="paper", progress=False)
+    a = sh.sahara(model, tok, PROMPTS, **skw)
+    b = sh.sahara(cpu_model, tok, PROMPTS, **skw)
+    ds = max(abs(x.score - y.score) for x, y in zip(a.steps, b.steps))
+    check(arch, "sahara_dev=cpu", a.heads == b.heads, f"{a.heads} vs {b.heads}, max |Δscore| {ds:.1e} rad")
+
+    heads = [(0, 1), (1, 2), (2, 0)]
+    gkw = dict(heads=heads, eps=1e-5, max_new_tokens=8, batch_size=3, progress=False)
+    got = generate_ids(model, tok, PROMPTS[:3], **gkw)
+    if arch in SURGERY_UA_ARCHS:
+        ref = _hf_greedy(sh.surgery(model, heads, mode="ua", eps=1e-5), tok, PROMPTS[:3], 8)
+        check(arch, "generate=surgery", got == ref, f"{sum(map(len, got))} tokens, equal: {got == ref}")
+    cpu_got = generate_ids(cpu_model, tok, PROMPTS[:3], **gkw)
+    same = sum(x == y for x, y in zip(got, cpu_got))
+    check(arch, "generate_dev=cpu", same == len(got), f"{same}/{len(got)} responses token-identical")
+
+    if bf16:
+        m16 = tiny_lm(arch, vocab).to(dev, torch.bfloat16)
+        e16 = sh.ships(m16, tok, PROMPTS[:3], batch_size=5, **kw)
+        n16 = sh.ships(m16, tok, PROMPTS[:3], method="naive", **kw)
+        r = rel(e16.kl, n16.kl)
+        check(arch, "bf16 exact=naive", r < 5e-2, f"rel {r:.1e}; bf16 vs fp32 exact: rel {rel(e16.kl, exact.kl):.1e}")
+
+
+def _hf_greedy(model, tok, prompts, n):
+    """HF ``generate`` on the (surgery) model, one prompt at a time, cut at EOS like generate_ids."""
+    from safetyheads.evaluate import _eos_ids
+    from safetyheads.prompts import encode_prompts, format_prompts
+
+    eos = _eos_ids(model, tok, "chat")
+    dev = next(model.parameters()).device
+    out = []
+    for p in prompts:
+        enc = encode_prompts(tok, format_prompts(tok, [p], "chat"))
+        ids = enc["input_ids"].to(dev)
+        with torch.no_grad():
+            g = model.generate(ids, attention_mask=enc["attention_mask"].to(dev), max_new_tokens=n,
+                               do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+        new = g[0, ids.shape[1]:].tolist()
+        out.append(new[: next((i for i, t in enumerate(new) if t in eos), len(new))])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--tokenizer", default=None, help="saved tokenizer folder (default: SmolLM2's, from the asset)")
+    ap.add_argument("--archs", default=",".join(ARCHS))
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device (use --device cpu for a smoke run)", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 comparisons are meant as float32
+    torch.backends.cudnn.allow_tf32 = False
+    import transformers as tf
+
+    if args.tokenizer:
+        tok = tf.AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        from tiny_lm import smol_tokenizer
+
+        tok = smol_tokenizer()
+    from tiny_lm import refusal_ids
+
+    refusal = refusal_ids(tok)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"device {dev} ({name}), torch {torch.__version__}, transformers {tf.__version__}", flush=True)
+    t0 = time.perf_counter()
+    archs = [a for a in args.archs.split(",") if a]
+    for arch in archs:
+        ablation_checks(arch, dev)
+    for arch in [a for a in SHIPS_ARCHS if a in archs]:
+        lm_checks(arch, dev, tok, refusal, bf16=arch in ("llama", "qwen2", "gemma3"))
+    failed = [r for r in RESULTS if not r[2]]
+    print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.perf_counter() - t0:.0f} s on {name}")
+    for arch, n, _, d in failed:
+        print(f"  FAILED {arch} {n}: {d}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
