@@ -272,7 +272,7 @@ def test_reuse_residual_keeps_accelerate_forward():
 
 def test_offloaded_model_matches_plain(tok, tmp_path):
     """accelerate disk offload (embeddings, a layer and lm_head on meta outside their forward):
-    Ships exact/naive, Sahara and ablated generation equal the plain model's; hooks survive."""
+    Ships exact/naive/estimates, Sahara and ablated generation equal the plain model's; hooks survive."""
     from accelerate import dispatch_model
 
     from safetyheads import ablate, sahara, ships
@@ -291,6 +291,16 @@ def test_offloaded_model_matches_plain(tok, tmp_path):
         a = ships(plain, tok, PROMPTS[:1], progress=False, **kw)
         b = ships(model, tok, PROMPTS[:1], progress=False, **kw)
         assert torch.equal(a.kl, b.kl), kw
+    from tiny_lm import refusal_ids
+
+    from safetyheads import ships_estimate
+
+    for kw in ({"estimator": "fisher"}, {"estimator": "refusal-grad", "refusal_tokens": refusal_ids(tok)}):
+        a = ships_estimate(plain, tok, PROMPTS[:2], progress=False, **kw)
+        b = ships_estimate(model, tok, PROMPTS[:2], progress=False, **kw)
+        torch.testing.assert_close(b.kl if a.refusal is None else b.refusal, a.kl if a.refusal is None else a.refusal,
+                                   rtol=1e-5, atol=1e-7)
+    assert model.get_output_embeddings().weight.device.type == "meta"  # offloaded again
     kw = dict(steps=2, batch_size=2, preset="paper", candidates=[(0, 1), (1, 2), (1, 3), (2, 0)])
     sa, sb = sahara(plain, tok, PROMPTS, progress=False, **kw), sahara(model, tok, PROMPTS, progress=False, **kw)
     assert sa.heads == sb.heads and [s.scores for s in sa.steps] == [s.scores for s in sb.steps]

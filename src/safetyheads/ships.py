@@ -364,8 +364,24 @@ def _fisher_directions(model, base_logits: torch.Tensor, k: int, mass: float = 1
     ``mass`` of the probability (at most ``max_tokens``), W_Y their unembedding rows (times the
     softcap derivative where the model caps logits). Returns (λ [k], U [k, d]) per row.
     """
-    W = model.get_output_embeddings().weight
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    with _unembedding(model) as W:
+        return _fisher_eig(W, base_logits, k, mass, max_tokens, getattr(model.config, "final_logit_softcapping", None))
+
+
+@contextlib.contextmanager
+def _unembedding(model) -> Iterator[torch.Tensor]:
+    """The unembedding weight, also when accelerate offloads it (to CPU or disk: ``meta`` outside its forward)."""
+    head = model.get_output_embeddings()
+    if head.weight.device.type != "meta":
+        yield head.weight
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(head, torch.device("cpu")):
+        yield head.weight
+
+
+def _fisher_eig(W, base_logits, k, mass, max_tokens, cap):
     lams, vecs = [], []
     for row in base_logits:
         p = torch.softmax(row.double(), -1)
