@@ -58,7 +58,11 @@ def test_identical_runs(tmp_path):
     assert p["ships_spearman"] == pytest.approx(1.0) and p["spearman_n"] == 24
     assert p["sahara_shared"] == [[1, 0], [2, 3], [3, 5]]
     assert "same grid 4×6" in p["compared"]
-    assert c["runs"][0]["ships_source"].startswith("ships (exact")
+    # auto: the estimate covers more prompts (5) than the exact sweep (as in a default run)
+    assert c["runs"][0]["ships_source"].startswith("ships_estimate (estimate:fisher, 5 prompts")
+    assert c["runs"][0]["sahara_depth"] == pytest.approx(((2.5 + 1.5 + 3.5) / 3) / 4)  # heads (2,3),(1,0),(3,5)
+    assert "relative depth" in to_markdown(c)
+    assert compare_runs([a, b], k=3, ships="exact")["runs"][0]["ships_source"].startswith("ships (exact")
     assert len(c["runs"][0]["ships_top"]) == 5
 
 
@@ -108,10 +112,14 @@ def test_three_runs_and_missing_parts(tmp_path):
 
 def test_estimate_fallback_and_choice(tmp_path):
     a = make_run(tmp_path, "a", ships=False)
-    b = make_run(tmp_path, "b")
+    b = make_run(tmp_path, "b", estimate=False)
     c = compare_runs([a, b], k=3)
     assert c["runs"][0]["ships_source"].startswith("ships_estimate (estimate:fisher")
+    assert c["runs"][1]["ships_source"].startswith("ships (exact")
     assert any("Ships sources differ" in n for n in c["pairs"][0]["notes"])
+    b = make_run(tmp_path, "b2")
+    c = compare_runs([a, b], k=3)
+    assert not c["pairs"][0]["notes"]
     c = compare_runs([a, b], k=3, ships="estimate")
     assert not c["pairs"][0]["notes"]
     c = compare_runs([a, b], k=3, metric="refusal")

@@ -132,6 +132,7 @@ def test_tiny_run_end_to_end(tiny_run):
     html = (out / "report.html").read_text()
     assert f"L{heads[0][0]}" in html or str(heads[0]) in html
     assert "ASR" in r.stdout
+    assert "it/s" not in r.stderr and "Loading weights" not in r.stderr, r.stderr[-2000:]  # --quiet: no bars
     # a second run of the same command does no work and changes nothing
     before = _results(out)
     t0 = time.perf_counter()

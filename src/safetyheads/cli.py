@@ -50,6 +50,10 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("safetyheads").setLevel(logging.WARNING if quiet else logging.INFO)
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:  # transformers' own "Loading weights" bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _config(config_file, fields) -> RunConfig:
@@ -177,13 +181,17 @@ def surgery(model, heads, mode, eps, save_to, device) -> None:
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True)
 @click.option("--k", type=int, default=10, show_default=True, help="top-k Ships heads compared")
-def compare(runs, out, k) -> None:
+@click.option("--metric", type=click.Choice(["kl", "refusal"]), default="kl", show_default=True,
+              help="the Ships score ranked")
+@click.option("--ships", "ships_source", type=click.Choice(["auto", "exact", "estimate"]), default="auto",
+              show_default=True, help="which Ships result (auto: exact unless the estimate covers more prompts)")
+def compare(runs, out, k, metric, ships_source) -> None:
     """Overlap of the safety heads and top-k Ships heads of two or more runs (Jaccard, rank correlation)."""
     from .compare import write_comparison
 
     if len(runs) < 2:
         raise click.UsageError("compare needs at least two run folders")
-    path = write_comparison(list(runs), out, k=k)
+    path = write_comparison(list(runs), out, k=k, metric=metric, ships=ships_source)
     click.echo((path / "compare.md").read_text() if (path / "compare.md").exists() else f"written to {path}")
 
 

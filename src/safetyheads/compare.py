@@ -110,10 +110,17 @@ def depth_profile(mean: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 def _ships_choice(run: RunData, ships: str):
-    """(ShipsResult or None, description) by preference ``"auto"`` (exact, else estimate), ``"exact"``, ``"estimate"``."""
+    """(ShipsResult or None, description) by preference ``"auto"``, ``"exact"``, ``"estimate"``.
+
+    ``"auto"``: the exact scores unless the estimate covers more prompts (a default run scores one
+    prompt exactly, as a check, and all attribution prompts by the estimate: a dataset-level
+    comparison wants the latter)."""
     if ships not in ("auto", "exact", "estimate"):
         raise ValueError(f"ships must be 'auto', 'exact' or 'estimate', got {ships!r}")
     order = {"auto": ("exact", "estimate"), "exact": ("exact",), "estimate": ("estimate",)}[ships]
+    if ships == "auto" and run.ships is not None and run.ships_estimate is not None \
+            and len(run.ships_estimate.prompts) > len(run.ships.prompts):
+        order = ("estimate", "exact")
     for which in order:
         res = run.ships if which == "exact" else run.ships_estimate
         if res is not None:
@@ -136,6 +143,10 @@ def _summarise(run: RunData, k: int, metric: str, ships: str) -> dict[str, Any]:
             notes.append(f"Ships {metric}: {e}")
             mean, source = None, f"no {metric} scores"
     grid = run.grid
+
+    def depth(heads) -> float | None:  # mean relative depth (layer + ½) / n_layers, in [0, 1]
+        return None if not heads or not grid else float(np.mean([(h[0] + 0.5) / grid[0] for h in heads]))
+
     return {
         "summary": {
             "name": run.name, "path": str(run.path), "model": run.model, "dataset": run.dataset,
@@ -143,6 +154,7 @@ def _summarise(run: RunData, k: int, metric: str, ships: str) -> dict[str, Any]:
             "n_layers": grid[0] if grid else None, "n_heads": grid[1] if grid else None,
             "sahara_heads": [list(h) for h in run.sahara.heads] if run.sahara is not None else None,
             "ships_source": source, "ships_top": [list(h) for h in top], "notes": notes + run.errors,
+            "sahara_depth": depth(run.sahara.heads if run.sahara is not None else None), "ships_top_depth": depth(top),
         },
         "mean": mean, "top": top, "sahara": [tuple(h) for h in run.sahara.heads] if run.sahara is not None else None,
         "grid": grid,
@@ -279,12 +291,14 @@ def to_markdown(comparison: dict) -> str:
     """The comparison as markdown: runs, a table of pairs, and what each pair compared."""
     k = comparison["k"]
     lines = ["# Safety-head overlap between runs", "",
-             "| run | model | grid | dataset | prompt format | mode | Sahara heads | Ships used |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | model | grid | dataset | prompt format | mode | Sahara heads | Ships used | "
+             f"relative depth: Sahara / top-{k} Ships |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in comparison["runs"]:
         grid = f"{r['n_layers']}×{r['n_heads']}" if r["n_layers"] else "?"
+        depth = f"{_num(r.get('sahara_depth'))} / {_num(r.get('ships_top_depth'))}"
         lines.append(f"| {r['name']} | {r['model']} | {grid} | {r['dataset']} | {r['prompt_format']} | {r['mode']} | "
-                     f"{_heads_md(r['sahara_heads'])} | {r['ships_source']} |")
+                     f"{_heads_md(r['sahara_heads'])} | {r['ships_source']} | {depth} |")
     lines += ["", f"| run A | run B | compared on | Sahara Jaccard | top-{k} Ships Jaccard | Spearman ρ (mean Ships) | "
                   "shared heads |", "|---|---|---|---|---|---|---|"]
     for p in comparison["pairs"]:
@@ -299,7 +313,8 @@ def to_markdown(comparison: dict) -> str:
         rho = _num(p["ships_spearman"]) + (f" (n={p['spearman_n']})" if p.get("spearman_n") else "")
         lines.append(f"| {p['a']} | {p['b']} | {basis} | {_num(p['sahara_jaccard'])} | {_num(p['ships_topk_jaccard'])} | "
                      f"{rho} | {'; '.join(shared) or '—'} |")
-    lines += ["", "What was compared:", ""]
+    lines += ["", "What was compared:", "",
+              "- relative depth: mean (layer + ½) / layers of a run's heads (0 = first layer, 1 = last)."]
     for p in comparison["pairs"]:
         lines.append(f"- **{p['a']} vs {p['b']}**: {p['compared']}.")
         for n in p["notes"]:
