@@ -133,6 +133,9 @@ def test_tiny_run_end_to_end(tiny_run):
     assert f"L{heads[0][0]}" in html or str(heads[0]) in html
     assert "ASR" in r.stdout
     assert "it/s" not in r.stderr and "Loading weights" not in r.stderr, r.stderr[-2000:]  # --quiet: no bars
+    assert "INFO" not in r.stderr
+    log = (out / "run.log").read_text()  # … but the log file has every stage
+    assert all(f"stage {s} done" in log for s in ("prompts", "ships", "sahara", "evaluate", "report")), log[-2000:]
     # a second run of the same command does no work and changes nothing
     before = _results(out)
     t0 = time.perf_counter()

@@ -45,9 +45,12 @@ def config_options(func):
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("safetyheads").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    # --quiet quiets the terminal only: the run's log file (pipeline.Run) still gets every INFO line
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("safetyheads").setLevel(logging.INFO)
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if quiet:  # transformers' own "Loading weights" bars too
