@@ -239,16 +239,18 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({**r, "speedup_vs_exact": t_exact / r["seconds"], "cpu_speedup_vs_exact": c_exact / r["cpu_s"]})
     print()
     ok_exact = min(t_naive_full / t_exact, c_naive_full / c_exact) >= 5 and max_rel <= 1e-4
-    fisher = [r for r in rows if r["estimator"].startswith("fisher")]
-    ok_est = [r["estimator"] for r in fisher if min(r["speedup_vs_exact"], r["cpu_speedup_vs_exact"]) >= 50
-              and r["spearman"] >= 0.8
-              and r.get("top10_recall", 0) >= 0.7]
+
+    def meets(r: dict) -> bool:  # the estimate target
+        return (min(r["speedup_vs_exact"], r["cpu_speedup_vs_exact"]) >= 50 and r["spearman"] >= 0.8
+                and r.get("top10_recall", 0) >= 0.7)
+
+    ok_est = [r["estimator"] for r in rows if r["estimator"].startswith("fisher") and meets(r)]
     print(f"Targets (both wall and CPU ratios): exact ≥ 5× naive at rel. 1e-4: {'met' if ok_exact else 'NOT met'}; "
           f"KL estimate ≥ 50× exact with Spearman ≥ 0.8 and top-10 recall ≥ 0.7: "
           f"{'met by ' + ', '.join(ok_est) if ok_est else 'NOT met'}"
           + "".join(f"; refusal-grad (signed score, vs exact refusal score): "
-                    f"{'met' if min(r['speedup_vs_exact'], r['cpu_speedup_vs_exact']) >= 50 and r['spearman'] >= 0.8 and r.get('top10_recall', 0) >= 0.7 else 'NOT met'}"
-                    for r in rows if r["estimator"] == "refusal-grad") + ".")
+                    f"{'met' if meets(r) else 'NOT met'}"
+                    for r in rows if r["estimator"].startswith("refusal-grad")) + ".")
     out = {"model": args.model, "n_prompts": len(prompts), "n_heads": len(universe), "batch_size": best_bs,
            "batch_trial_s": trial, "exact_s": t_exact, "exact_cpu_s": c_exact, "naive_measured_s": t_naive,
            "naive_measured_cpu_s": c_naive, "naive_heads": k, "naive_extrapolated_s": t_naive_full,
