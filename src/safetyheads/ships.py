@@ -159,9 +159,11 @@ def _heads_to_score(model, heads: Sequence[Head] | None) -> list[Head]:
 
 
 def _default_batch_size(model) -> int:
-    """64 rows on CUDA; on CPU whole layers of heads, about 64 rows (56 for 14 heads per layer): on the
-    0.5B model (2 cores) 56 and 112 rows ran a prompt's sweep in ~71 s, 28 rows in 85 s, 14 in ~170 s,
-    and chunks that start at a layer boundary make no row recompute a layer below its own head's."""
+    """64 rows on CUDA; on CPU whole layers of heads, about 64 rows (56 for 14 heads per layer), so that
+    chunks start at a layer boundary and no row recomputes a layer below its own head's. Measured on
+    the 0.5B model, one prompt's sweep, 2 cores: shared with other jobs, 56 and 112 rows ~71 s, 28 rows
+    85 s, 14 ~170 s; idle (bench/results/ships_bench_cpu_0.5b_idle.md), 28 rows 23.8 s, 56 rows 29.7 s,
+    112 rows 30.2 s — the best CPU batch depends on the load; pass ``batch_size`` to choose."""
     if next(model.parameters()).is_cuda:
         return 64
     n_heads = get_adapter(model).geometry.n_heads
@@ -357,17 +359,6 @@ def _frozen(model) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _fisher_directions(model, base_logits: torch.Tensor, k: int, mass: float = 1 - 1e-4, max_tokens: int = 4096):
-    """Top-``k`` eigenpairs of the logit Fisher pulled back to the final hidden state.
-
-    KL(p ‖ p + Δ) ≈ ½ Δhᵀ A Δh with A = W_Yᵀ (diag p − p pᵀ) W_Y over the tokens Y holding
-    ``mass`` of the probability (at most ``max_tokens``), W_Y their unembedding rows (times the
-    softcap derivative where the model caps logits). Returns (λ [k], U [k, d]) per row.
-    """
-    with _unembedding(model) as W:
-        return _fisher_eig(W, base_logits, k, mass, max_tokens, getattr(model.config, "final_logit_softcapping", None))
-
-
 @contextlib.contextmanager
 def _unembedding(model) -> Iterator[torch.Tensor]:
     """The unembedding weight, also when accelerate offloads it (to CPU or disk: ``meta`` outside its forward)."""
@@ -381,24 +372,32 @@ def _unembedding(model) -> Iterator[torch.Tensor]:
         yield head.weight
 
 
-def _fisher_eig(W, base_logits, k, mass, max_tokens, cap):
+def _fisher_directions(model, base_logits: torch.Tensor, k: int, mass: float = 1 - 1e-4, max_tokens: int = 4096):
+    """Top-``k`` eigenpairs of the logit Fisher pulled back to the final hidden state.
+
+    KL(p ‖ p + Δ) ≈ ½ Δhᵀ A Δh with A = W_Yᵀ (diag p − p pᵀ) W_Y over the tokens Y holding
+    ``mass`` of the probability (at most ``max_tokens``), W_Y their unembedding rows (times the
+    softcap derivative where the model caps logits). Returns (λ [k], U [k, d]) per row.
+    """
+    cap = getattr(model.config, "final_logit_softcapping", None)
     lams, vecs = [], []
-    for row in base_logits:
-        p = torch.softmax(row.double(), -1)
-        ps, idx = p.sort(descending=True)
-        n = int(min(max_tokens, (ps.cumsum(0) < mass).sum().item() + 1))
-        idx, py = idx[:n], ps[:n]
-        wy = W[idx.to(W.device)].double().cpu()
-        if cap:
-            wy = wy * (1 - torch.tanh(row[idx].double().cpu() / cap) ** 2)[:, None]
-        mu = py @ wy
-        A = (wy * py[:, None]).T @ wy - torch.outer(mu, mu)
-        # only the top-k eigenpairs (LAPACK syevr on a subset): exact, and ~10× faster than a full
-        # torch.linalg.eigh of the d × d matrix, which dominated the estimator's time on CPU
-        kk = min(k, A.shape[0])
-        lam, U = scipy.linalg.eigh(A.numpy(), subset_by_index=[A.shape[0] - kk, A.shape[0] - 1])
-        lams.append(torch.from_numpy(lam.copy()).flip(0).clamp(min=0))
-        vecs.append(torch.from_numpy(U.copy()).flip(1).T)
+    with _unembedding(model) as W:  # also when accelerate offloads it
+        for row in base_logits:
+            p = torch.softmax(row.double(), -1)
+            ps, idx = p.sort(descending=True)
+            n = int(min(max_tokens, (ps.cumsum(0) < mass).sum().item() + 1))
+            idx, py = idx[:n], ps[:n]
+            wy = W[idx.to(W.device)].double().cpu()
+            if cap:
+                wy = wy * (1 - torch.tanh(row[idx].double().cpu() / cap) ** 2)[:, None]
+            mu = py @ wy
+            A = (wy * py[:, None]).T @ wy - torch.outer(mu, mu)
+            # only the top-k eigenpairs (LAPACK syevr on a subset): exact, and ~10× faster than a full
+            # torch.linalg.eigh of the d × d matrix, which dominated the estimator's time on CPU
+            kk = min(k, A.shape[0])
+            lam, U = scipy.linalg.eigh(A.numpy(), subset_by_index=[A.shape[0] - kk, A.shape[0] - 1])
+            lams.append(torch.from_numpy(lam.copy()).flip(0).clamp(min=0))
+            vecs.append(torch.from_numpy(U.copy()).flip(1).T)
     return torch.stack(lams), torch.stack(vecs)
 
 
