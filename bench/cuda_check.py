@@ -35,11 +35,11 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_lm import PROMPTS, SHIPS_ARCHS, tiny_lm  # noqa: E402
+from tiny_lm import PROMPTS, SHIPS_ARCHS, hf_greedy, tiny_lm  # noqa: E402
 from tiny_models import ARCHS, SURGERY_UA_ARCHS, random_ids, tiny_model  # noqa: E402
 
 import safetyheads as sh  # noqa: E402
-from safetyheads.evaluate import generate_ids  # noqa: E402
+from safetyheads.evaluate import _eos_ids, generate_ids  # noqa: E402
 
 HEADS = [(0, 1), (1, 3), (2, 0)]
 RESULTS: list[tuple[str, str, bool, str]] = []
@@ -115,7 +115,7 @@ def lm_checks(arch: str, dev: torch.device, tok, refusal: list[int], bf16: bool)
     gkw = dict(heads=heads, eps=1e-5, max_new_tokens=8, batch_size=3, progress=False)
     got = generate_ids(model, tok, PROMPTS[:3], **gkw)
     if arch in SURGERY_UA_ARCHS:
-        ref = _hf_greedy(sh.surgery(model, heads, mode="ua", eps=1e-5), tok, PROMPTS[:3], 8)
+        ref = hf_greedy(sh.surgery(model, heads, mode="ua", eps=1e-5), tok, PROMPTS[:3], 8, _eos_ids(model, tok, "chat"))
         check(arch, "generate=surgery", got == ref, f"{sum(map(len, got))} tokens, equal: {got == ref}")
     cpu_got = generate_ids(cpu_model, tok, PROMPTS[:3], **gkw)
     same = sum(x == y for x, y in zip(got, cpu_got))
@@ -127,25 +127,6 @@ def lm_checks(arch: str, dev: torch.device, tok, refusal: list[int], bf16: bool)
         n16 = sh.ships(m16, tok, PROMPTS[:3], method="naive", **kw)
         r = rel(e16.kl, n16.kl)
         check(arch, "bf16 exact=naive", r < 5e-2, f"rel {r:.1e}; bf16 vs fp32 exact: rel {rel(e16.kl, exact.kl):.1e}")
-
-
-def _hf_greedy(model, tok, prompts, n):
-    """HF ``generate`` on the (surgery) model, one prompt at a time, cut at EOS like generate_ids."""
-    from safetyheads.evaluate import _eos_ids
-    from safetyheads.prompts import encode_prompts, format_prompts
-
-    eos = _eos_ids(model, tok, "chat")
-    dev = next(model.parameters()).device
-    out = []
-    for p in prompts:
-        enc = encode_prompts(tok, format_prompts(tok, [p], "chat"))
-        ids = enc["input_ids"].to(dev)
-        with torch.no_grad():
-            g = model.generate(ids, attention_mask=enc["attention_mask"].to(dev), max_new_tokens=n,
-                               do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-        new = g[0, ids.shape[1]:].tolist()
-        out.append(new[: next((i for i, t in enumerate(new) if t in eos), len(new))])
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

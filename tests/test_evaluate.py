@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from tiny_lm import hf_greedy
 
 import safetyheads.evaluate as ev
 from safetyheads.evaluate import (
@@ -32,7 +33,6 @@ from safetyheads.evaluate import (
     teacher_forced_kl,
     wilson_interval,
 )
-from safetyheads.prompts import encode_prompts, format_prompts
 from safetyheads.ships import ShipsResult
 from safetyheads.surgery import surgery
 
@@ -83,19 +83,6 @@ def model(tokenizer):
     return _tiny(tokenizer)
 
 
-def _hf_greedy(model, tokenizer, prompts, max_new_tokens, eos):
-    """Plain transformers greedy generation, one prompt at a time, cut at EOS."""
-    out = []
-    for text in format_prompts(tokenizer, prompts, "chat"):
-        enc = encode_prompts(tokenizer, [text])
-        with torch.no_grad():
-            seq = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos[0])
-        new = seq[0, enc["input_ids"].shape[1]:].tolist()
-        out.append(new[: next((i for i, t in enumerate(new) if t in eos), len(new))])
-    return out
-
-
 # --------------------------------------------------------------------------- generation
 
 
@@ -105,10 +92,10 @@ def test_ablated_generation_equals_surgery(tokenizer, arch):
     heads = [(0, 1), (1, 2), (1, 0)]
     eos = ev._eos_ids(model, tokenizer, "chat")
     got = generate_ids(model, tokenizer, PROMPTS, heads=heads, eps=1e-5, max_new_tokens=8, batch_size=3, progress=False)
-    want = _hf_greedy(surgery(model, heads, mode="ua", eps=1e-5), tokenizer, PROMPTS, 8, eos)
+    want = hf_greedy(surgery(model, heads, mode="ua", eps=1e-5), tokenizer, PROMPTS, 8, eos)
     assert got == want
     plain = generate_ids(model, tokenizer, PROMPTS, max_new_tokens=8, progress=False)
-    assert plain == _hf_greedy(model, tokenizer, PROMPTS, 8, eos)
+    assert plain == hf_greedy(model, tokenizer, PROMPTS, 8, eos)
     assert plain != got  # the ablation changes something
     texts = generate(model, tokenizer, PROMPTS, heads=heads, max_new_tokens=8, progress=False)
     assert texts == [tokenizer.decode(t, skip_special_tokens=True) for t in got]

@@ -86,3 +86,20 @@ def refusal_ids(tokenizer) -> list[int]:
         if first not in ids:
             ids.append(first)
     return ids
+
+
+def hf_greedy(model, tokenizer, prompts, max_new_tokens: int, eos: list[int]) -> list[list[int]]:
+    """Plain transformers greedy generation in chat format, one prompt at a time, cut at EOS
+    (the reference for safetyheads' own generation loop), on the model's device."""
+    from safetyheads.prompts import encode_prompts, format_prompts
+
+    dev = next(model.parameters()).device
+    out = []
+    for text in format_prompts(tokenizer, prompts, "chat"):
+        enc = {k: v.to(dev) for k, v in encode_prompts(tokenizer, [text]).items()}
+        with torch.no_grad():
+            seq = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos[0])
+        new = seq[0, enc["input_ids"].shape[1]:].tolist()
+        out.append(new[: next((i for i, t in enumerate(new) if t in eos), len(new))])
+    return out
