@@ -143,6 +143,7 @@ def _summarise(run: RunData, k: int, metric: str, ships: str) -> dict[str, Any]:
             notes.append(f"Ships {metric}: {e}")
             mean, source = None, f"no {metric} scores"
     grid = run.grid
+    sahara = [tuple(h) for h in run.sahara.heads] if run.sahara is not None else None
 
     def depth(heads) -> float | None:  # mean relative depth (layer + ½) / n_layers, in [0, 1]
         return None if not heads or not grid else float(np.mean([(h[0] + 0.5) / grid[0] for h in heads]))
@@ -152,11 +153,11 @@ def _summarise(run: RunData, k: int, metric: str, ships: str) -> dict[str, Any]:
             "name": run.name, "path": str(run.path), "model": run.model, "dataset": run.dataset,
             "prompt_format": run.prompt_format, "mode": run.mode,
             "n_layers": grid[0] if grid else None, "n_heads": grid[1] if grid else None,
-            "sahara_heads": [list(h) for h in run.sahara.heads] if run.sahara is not None else None,
+            "sahara_heads": [list(h) for h in sahara] if sahara is not None else None,
             "ships_source": source, "ships_top": [list(h) for h in top], "notes": notes + run.errors,
-            "sahara_depth": depth(run.sahara.heads if run.sahara is not None else None), "ships_top_depth": depth(top),
+            "sahara_depth": depth(sahara), "ships_top_depth": depth(top),
         },
-        "mean": mean, "top": top, "sahara": [tuple(h) for h in run.sahara.heads] if run.sahara is not None else None,
+        "mean": mean, "top": top, "sahara": sahara,
         "grid": grid,
     }
 
