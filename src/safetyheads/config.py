@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     """A config file or flag that cannot be used; the message names the key and the problem."""
 
 
+PromptFormatName = Literal["chat", "template", "template-sahara", "template-ships", "raw"]
+"""The names of :class:`safetyheads.prompts.PromptFormat`."""
+
+
+_UNSET_ABSENT = ("preset", "ships_format", "sahara_format", "eval_format")
+
+
 class RunConfig(BaseModel):
     """Everything a ``safetyheads run`` depends on. The defaults are the embedded study (≤ 10 min on 2 CPU cores)."""
 
@@ -45,7 +52,12 @@ class RunConfig(BaseModel):
     n_ships_exact: int = Field(1, ge=0, description="of those, prompts scored by the exact Ships sweep (0: skip)")
     n_eval: int = Field(32, ge=1, description="held-out prompts for attack success (disjoint from attribution)")
     n_harmless: int = Field(16, ge=0, description="harmless prompts for over-refusal")
-    prompt_format: Literal["chat", "template", "raw"] = "chat"
+    preset: Literal["paper", "chat", "chat-nosys"] | None = Field(
+        None, description="named settings (safetyheads.presets) under any field given explicitly")
+    prompt_format: PromptFormatName = "chat"
+    ships_format: PromptFormatName | None = Field(None, description="Ships attribution prompt format (None: prompt_format)")
+    sahara_format: PromptFormatName | None = Field(None, description="Sahara prompt format (None: prompt_format)")
+    eval_format: PromptFormatName | None = Field(None, description="generation/ASR prompt format (None: prompt_format)")
     system_prompt: str | None = Field(None, description="chat only; None = the template's default, '' = none")
     # ablation
     mode: Literal["ua", "sc", "zero", "mean", "ua-limit"] = "ua"
@@ -61,6 +73,25 @@ class RunConfig(BaseModel):
     random_controls: int = Field(2, ge=0, description="random head sets of the same size, as a control")
     batch_size: int = Field(16, ge=1)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """Fill in the preset's values under the fields given explicitly."""
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from .presets import PresetError, apply_preset
+
+            try:
+                return apply_preset(data)
+            except PresetError as e:
+                raise ValueError(str(e)) from None
+        return data
+
+    def stage_format(self, stage: Literal["ships", "sahara", "eval"]) -> str:
+        """The prompt format of a stage: its own field if set, else ``prompt_format``."""
+        if stage not in ("ships", "sahara", "eval"):
+            raise ValueError(f"unknown stage {stage!r}; one of 'ships', 'sahara', 'eval'")
+        return getattr(self, f"{stage}_format") or self.prompt_format
 
     @field_validator("eps")
     @classmethod
@@ -82,6 +113,10 @@ class RunConfig(BaseModel):
     def digest(self, keys: set[str] | None = None) -> str:
         """Hash of the fields that determine results (``keys``: only these)."""
         d = self.model_dump()
+        # fields added after run folders existed hash as if absent while unset, so old folders still resume
+        for k in _UNSET_ABSENT:
+            if d.get(k) is None:
+                d.pop(k, None)
         if keys is not None:
             d = {k: v for k, v in d.items() if k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -128,8 +128,10 @@ class Run:
             from .evaluate import derive_refusal_tokens
 
             try:
+                # the tokens are scored at the Ships prompts' last position, so they start refusals in that format
                 tokens = derive_refusal_tokens(self.model, self.tokenizer, self.prompts["attribution"], judge=self.cfg.judge,
-                                               prompt_format=self.cfg.prompt_format, system_prompt=self.cfg.system_prompt)
+                                               prompt_format=self.cfg.stage_format("ships"),
+                                               system_prompt=self.cfg.system_prompt)
                 record = {"tokens": tokens, "strings": [self.tokenizer.decode([t]) for t in tokens]}
             except ValueError as e:  # the model never refuses: no signed score
                 log.warning("no refusal tokens: %s", e)
@@ -142,7 +144,7 @@ class Run:
 
         c, P = self.cfg, self.prompts["attribution"]
         rt = self._refusal_tokens()
-        common = dict(mode=c.mode, eps=c.eps, prompt_format=c.prompt_format, system_prompt=c.system_prompt,
+        common = dict(mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
                       progress=self.progress)
         if not (self.out / "ships_estimate.json").exists():
             est = ships_estimate(self.model, self.tokenizer, P, estimator="fisher", batch_size=min(8, c.batch_size), **common)
@@ -175,10 +177,12 @@ class Run:
         from .ships import ShipsResult
 
         c = self.cfg
-        # the Fisher estimate of the ships stage is the "estimate" prefilter: no need to compute it again
-        est = ShipsResult.load(self.out / "ships_estimate").mean("kl")
+        # the Fisher estimate of the ships stage is the "estimate" prefilter: no need to compute it again,
+        # unless Sahara reads another prompt format (the paper preset), where Sahara estimates on its own
+        same_format = c.stage_format("sahara") == c.stage_format("ships")
+        est = ShipsResult.load(self.out / "ships_estimate").mean("kl") if same_format else None
         res = sahara(self.model, self.tokenizer, self.prompts["attribution"], steps=c.steps, mode=c.mode, eps=c.eps,
-                     preset=c.sahara_preset, prompt_format=c.prompt_format, system_prompt=c.system_prompt,
+                     preset=c.sahara_preset, prompt_format=c.stage_format("sahara"), system_prompt=c.system_prompt,
                      prefilter=None if c.prefilter == "none" else c.prefilter, prefilter_k=c.prefilter_k,
                      prefilter_scores=est, batch_size=c.batch_size, checkpoint=self.out / "sahara.ckpt.json", progress=self.progress)
         res.save(self.out / "sahara.json")
@@ -225,7 +229,7 @@ class Run:
         P = self.prompts
         evaluate_conditions(self.model, self.tokenizer, P["eval"], conds, out_dir=self.out, harmless=P["harmless"] or None,
                             harmless_conditions=harmless if P["harmless"] else None, mode=c.mode, eps=c.eps,
-                            judge=c.judge, prompt_format=c.prompt_format, system_prompt=c.system_prompt,
+                            judge=c.judge, prompt_format=c.stage_format("eval"), system_prompt=c.system_prompt,
                             max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, progress=self.progress)
 
     def stage_report(self) -> None:

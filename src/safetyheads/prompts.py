@@ -15,9 +15,18 @@ template. All three are supported and named (:class:`PromptFormat`), and
     system role falls back to no system message). Any other string is passed as the system
     message.
 ``template``
-    ``TEMPLATE.format(query=q)``, i.e. ``"## Query: {q}\\n## Answer:"`` (the paper's template).
+    ``TEMPLATE.format(query=q)``, i.e. ``"## Query: {q}\\n## Answer:"`` (the paper's template; also
+    what the paper's public code generates from when it measures attack success).
+``template-sahara``
+    ``"## Query:{q}\\n## Answer:"`` (no space after the colon): the string the public code's
+    Sahara attribution (``lib/Sahara/attribution.py``) feeds the model.
+``template-ships``
+    ``"## Query:{q} \\n## Answer:"`` (a space before the newline): the public code's Ships
+    attribution with ``use_tem`` on (``lib/SHIPS/get_ships.py``; ``use_tem`` is off by default,
+    which is ``raw``).
 ``raw``
-    the query itself.
+    the query itself (tokenized with the tokenizer's defaults, so after BOS for tokenizers that
+    add one, exactly as the public code's ``tokenizer(text)`` does).
 
 For ``template`` and ``raw`` a non-empty ``system_prompt`` is prepended as ``system + "\\n\\n"``.
 
@@ -37,6 +46,7 @@ import torch
 
 __all__ = [
     "TEMPLATE",
+    "TEMPLATES",
     "PromptFormat",
     "encode_prompts",
     "format_prompts",
@@ -46,13 +56,27 @@ __all__ = [
 TEMPLATE = "## Query: {query}\n## Answer:"
 """The paper's plain prompt template (SPEC §6)."""
 
+TEMPLATES: dict[str, str] = {
+    "template": TEMPLATE,
+    "template-sahara": "## Query:{query}\n## Answer:",
+    "template-ships": "## Query:{query} \n## Answer:",
+}
+"""The plain (non-chat) templates by format name; the variants are the public code's per-stage strings."""
+
 
 class PromptFormat(str, Enum):
     """How a query is turned into the model's input text."""
 
     CHAT = "chat"
     TEMPLATE = "template"
+    TEMPLATE_SAHARA = "template-sahara"
+    TEMPLATE_SHIPS = "template-ships"
     RAW = "raw"
+
+    @property
+    def template(self) -> str | None:
+        """The ``str.format`` template with a ``{query}`` field, or None for ``chat`` / ``raw``."""
+        return TEMPLATES.get(self.value)
 
     @classmethod
     def parse(cls, fmt: PromptFormat | str) -> PromptFormat:
@@ -118,7 +142,8 @@ def format_prompts(
     Args:
         tokenizer: a Hugging Face tokenizer (only used, and only required, for ``chat``).
         queries: the user queries (e.g. a :class:`~safetyheads.datasets.PromptSet`).
-        fmt: ``"chat"``, ``"template"`` or ``"raw"`` (see the module docstring).
+        fmt: ``"chat"``, ``"template"``, ``"template-sahara"``, ``"template-ships"`` or ``"raw"``
+            (see the module docstring).
         system_prompt: ``None`` = the chat template's default, ``""`` = none, else this text.
 
     Returns:
@@ -140,8 +165,8 @@ def format_prompts(
             )
         return [_chat(tokenizer, q, system_prompt) for q in qs]
     prefix = f"{system_prompt}\n\n" if system_prompt else ""
-    if form is PromptFormat.TEMPLATE:
-        return [prefix + TEMPLATE.format(query=q) for q in qs]
+    if form.template is not None:
+        return [prefix + form.template.format(query=q) for q in qs]
     return [prefix + q for q in qs]
 
 
@@ -208,7 +233,7 @@ def prompt_format_info(
         mode = "custom"
     info: dict[str, Any] = {
         "format": form.value,
-        "template": TEMPLATE if form is PromptFormat.TEMPLATE else None,
+        "template": form.template,
         "system_prompt": system_prompt,
         "system_prompt_mode": mode,
     }
