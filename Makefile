@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run test test-fast lint assets-1.5b bench clean
+.PHONY: setup run test test-fast ci lint assets-1.5b bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# What CI runs (as root): chromium if missing, then `make test` twice (as is, OMP_NUM_THREADS=1), each
+# with an empty HOME and CI=true (a missing requirement fails instead of skipping).
+ci:
+	.ci/run
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -124,9 +124,9 @@ def test_estimate_fallback_and_choice(tmp_path):
     assert not c["pairs"][0]["notes"]
     c = compare_runs([a, b], k=3, metric="refusal")
     assert c["pairs"][0]["ships_spearman"] is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="compare_runs needs at least two run folders"):
         compare_runs([a], k=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ships must be 'auto', 'exact' or 'estimate', got 'bogus'"):
         compare_runs([a, b], ships="bogus")
 
 

@@ -125,11 +125,11 @@ def test_holdout_split_is_disjoint_deterministic_and_nested() -> None:
 
 def test_holdout_split_rejects_oversized_requests() -> None:
     ps = load_prompts("mtbench")
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match="'mtbench' has 80 prompts; cannot take 50 for attribution and 40 for"):
         holdout_split(ps, 50, 40)
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match="cannot take 81 for attribution and the rest for evaluation"):
         holdout_split(ps, 81)
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match=r"sizes must be >= 0 \(n_attribution=-1"):
         holdout_split(ps, -1)
 
 
@@ -165,7 +165,7 @@ def test_bad_split_and_qualifier() -> None:
 def test_n_out_of_range() -> None:
     with pytest.raises(DatasetError, match="fewer"):
         load_prompts("mtbench", n=81)
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match="n must be a positive integer, got 0"):
         load_prompts("mtbench", n=0)
 
 

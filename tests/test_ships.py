@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from conftest import load_builtin
 from tiny_lm import PROMPTS, SHIPS_ARCHS, refusal_ids, smol_tokenizer, tiny_lm
 
 from safetyheads import ShipsResult, agreement, ships, ships_estimate
@@ -90,11 +91,7 @@ def test_exact_equals_naive_on_smollm2():
     """On the real SmolLM2-135M-Instruct (30 layers × 9 heads, chat format), the exact sweep of a
     few heads spread over the depth equals the naive loop: KL relative 1e-4, refusal score
     relative 1e-4 + absolute 1e-4 (larger logits than the tiny models: see below)."""
-    models = pytest.importorskip("safetyheads.models")
-    try:
-        model, tokenizer = models.load_model("builtin:smollm2-135m-instruct")
-    except models.ModelLoadError as e:  # the asset package is missing
-        pytest.skip(str(e))
+    model, tokenizer = load_builtin("builtin:smollm2-135m-instruct")  # skips here, fails in CI if missing
     heads = [(0, 0), (2, 5), (14, 3), (29, 8)]
     prompts = PROMPTS[:2]
     rtoks = refusal_ids(tokenizer)

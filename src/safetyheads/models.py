@@ -38,8 +38,10 @@ removes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -52,7 +54,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,6 +72,7 @@ __all__ = [
     "cache_dir",
     "load_model",
     "model_info",
+    "progress_bars",
 ]
 
 logger = logging.getLogger("safetyheads")
@@ -777,6 +780,40 @@ def _finish(
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Allow (True) or silence (False), inside the block, every progress bar loading a model draws.
+
+    transformers draws two kinds while loading: its "Loading weights" bars, which go through
+    ``transformers.utils.logging.tqdm`` and obey ``disable_progress_bar()``, and the GGUF
+    dequantizer's "Converting and de-quantizing GGUF tensors" bar, which
+    ``transformers.modeling_gguf_pytorch_utils`` draws with ``tqdm.auto.tqdm`` directly, out of that
+    switch's reach. With ``enabled=False`` both are off inside the block; both are put back as they
+    were on leaving it, exceptions included. ``enabled=True`` changes nothing.
+    """
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # transformers without GGUF support: only its own bars to silence
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name: str | os.PathLike[str],
     *,
@@ -786,6 +823,7 @@ def load_model(
     max_memory: dict | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
+    progress: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -800,6 +838,9 @@ def load_model(
             moved to ``device``.
         trust_remote_code: allow a hub model's own code to run; off unless asked.
         attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...; None = default).
+        progress: draw loading progress bars (transformers' weight-loading bars and the GGUF
+            dequantizer's). None (default) follows transformers' switch
+            (``transformers.utils.logging.disable_progress_bar()``, which ``safetyheads --quiet`` sets).
 
     Returns:
         ``(model, tokenizer)``. The tokenizer has a pad token (eos if it had none) and pads on the left.
@@ -809,6 +850,33 @@ def load_model(
         ModelLoadError: unknown builtin, missing asset package, checksum mismatch (``ChecksumError``),
             nonexistent path, or a hub id that cannot be reached offline.
     """
+    if progress is None:
+        from transformers.utils import logging as hf_logging
+
+        progress = hf_logging.is_progress_bar_enabled()
+    with progress_bars(progress):
+        return _load_model(
+            name,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+
+
+def _load_model(
+    name: str | os.PathLike[str],
+    *,
+    device: str,
+    dtype: torch.dtype | str | None,
+    device_map: str | dict | None,
+    max_memory: dict | None,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``load_model`` without the progress-bar switch."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(name, os.PathLike):
@@ -824,6 +892,18 @@ def load_model(
         kwargs["device_map"] = device_map
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
+
+    # The planted-heads model: trained here from a builtin (safetyheads.planted), cached like one ----
+    if name.removeprefix(BUILTIN_PREFIX) == "smollm2-135m-planted":
+        from .planted import PLANTED_KEY, ensure_planted, planted_info
+
+        folder, _ = ensure_planted()
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        info = planted_info(folder)
+        source = {"name": BUILTIN_PREFIX + PLANTED_KEY, "kind": "builtin-planted", "path": str(folder),
+                  "planted_heads": info["planted_heads"], "config_digest": info["config_digest"]}
+        return _finish(model, tokenizer, source, device, device_map)
 
     # Builtins -------------------------------------------------------------------------------------
     if name.startswith(BUILTIN_PREFIX) or name in BUILTIN_MODELS:
