@@ -187,23 +187,29 @@ def test_progress_bars_off_silences_the_gguf_bar_and_restores() -> None:
             pass
         return sink.getvalue()
 
+    from huggingface_hub import utils as hub_utils
+
     original = gguf_utils.tqdm
     assert "3/3" in draw(), "the bar draws outside the block"
     hf_logging.enable_progress_bar()
     try:
         with models.progress_bars(False):
             assert draw() == ""
-            assert not hf_logging.is_progress_bar_enabled()
+            assert not hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
+            with models.progress_bars(False):  # nested blocks
+                assert draw() == ""
+            assert draw() == ""
         assert gguf_utils.tqdm is original and hf_logging.is_progress_bar_enabled()
+        assert not hub_utils.are_progress_bars_disabled()
         with pytest.raises(RuntimeError, match="boom"), models.progress_bars(False):
             raise RuntimeError("boom")
         assert gguf_utils.tqdm is original and hf_logging.is_progress_bar_enabled()
         with models.progress_bars(True):
             assert "3/3" in draw()
-        hf_logging.disable_progress_bar()  # a switch that was off stays off
+        hf_logging.disable_progress_bar()  # switches that were off stay off
         with models.progress_bars(False):
             pass
-        assert not hf_logging.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
     finally:
         hf_logging.enable_progress_bar()
 

@@ -53,10 +53,17 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("safetyheads").setLevel(logging.INFO)
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    if quiet:  # transformers' own "Loading weights" bars too
-        from transformers.utils import logging as hf_logging
+    if quiet:
+        # every bar a library draws for us: transformers' "Loading weights", the GGUF dequantizer's (it
+        # calls tqdm itself) and hub downloads; put back when the command ends (matters in-process, e.g.
+        # click's CliRunner). The pipeline's own bars follow Run(progress=not quiet).
+        from .models import progress_bars
 
-        hf_logging.disable_progress_bar()
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.with_resource(progress_bars(False))
+        else:  # called outside a command: switch them off for good
+            progress_bars(False).__enter__()
 
 
 def _config(config_file, fields) -> RunConfig:

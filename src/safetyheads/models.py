@@ -788,21 +788,25 @@ def progress_bars(enabled: bool) -> Iterator[None]:
     ``transformers.utils.logging.tqdm`` and obey ``disable_progress_bar()``, and the GGUF
     dequantizer's "Converting and de-quantizing GGUF tensors" bar, which
     ``transformers.modeling_gguf_pytorch_utils`` draws with ``tqdm.auto.tqdm`` directly, out of that
-    switch's reach. With ``enabled=False`` both are off inside the block; both are put back as they
-    were on leaving it, exceptions included. ``enabled=True`` changes nothing.
+    switch's reach; huggingface_hub draws download bars. With ``enabled=False`` all three are off
+    inside the block, and put back as they were on leaving it, exceptions included (blocks nest).
+    ``enabled=True`` changes nothing.
     """
     if enabled:
         yield
         return
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # transformers without GGUF support: only its own bars to silence
+    except ImportError:  # transformers without GGUF support: only the switchable bars to silence
         gguf_utils = None
     original = getattr(gguf_utils, "tqdm", None)
     was_enabled = hf_logging.is_progress_bar_enabled()
+    hub_was_disabled = hub_utils.are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
     if original is not None:
         gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
@@ -811,7 +815,11 @@ def progress_bars(enabled: bool) -> Iterator[None]:
         if original is not None:
             gguf_utils.tqdm = original
         if was_enabled:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # (switches the hub's bars on too)
+        if hub_was_disabled:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
 
 
 def load_model(
