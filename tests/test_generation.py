@@ -1,0 +1,147 @@
+"""Cross-condition batched generation: every condition's rows in shared batches, each row ablating its
+own heads, must give the same tokens as generating one condition at a time.
+
+In float64 the equality is exact (padding and batch composition change float rounding only at the
+1e-16 level, far below any argmax margin); the tiny model runs with the real SmolLM2 tokenizer and
+chat template, and the slow test repeats it on SmolLM2-135M itself in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_builtin
+from tiny_lm import PROMPTS, smol_tokenizer, tiny_lm
+
+import safetyheads.generation as gen
+from safetyheads.generation import EvaluationError, generate_ids, generate_many
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smol_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model64(tok):
+    return tiny_lm("qwen2", len(tok), dtype=torch.float64, max_positions=256)
+
+
+def _jobs(prompts):
+    return [{"prompts": prompts, "heads": []},
+            {"prompts": prompts, "heads": [(0, 1), (1, 2)]},
+            {"prompts": prompts[::-1], "heads": [(2, 3)]},  # other order, other heads
+            {"prompts": prompts, "rows": [[(0, 0)], [(1, 3), (2, 0)], [], [(2, 2)], [(0, 3)]][: len(prompts)]}]
+
+
+def _one_at_a_time(model, tok, jobs, **kw):
+    out = []
+    for job in jobs:
+        heads = {"rows": job["rows"]} if "rows" in job else {"heads": job["heads"]}
+        out.append(generate_ids(model, tok, job["prompts"], progress=False, **heads, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def alone(tok, model64):
+    """Each condition alone, one prompt at a time (no padding, no other rows)."""
+    return _one_at_a_time(model64, tok, _jobs(PROMPTS), max_new_tokens=8, batch_size=1)
+
+
+def test_one_condition_at_a_time_is_batch_independent(tok, model64, alone):
+    assert _one_at_a_time(model64, tok, _jobs(PROMPTS), max_new_tokens=8, batch_size=16) == alone
+    assert alone[0] != alone[1] and alone[0] != alone[3]  # the ablations change answers, so a mix-up would show
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_shared_batches_equal_one_condition_at_a_time(tok, model64, alone, batch_size):
+    got = generate_many(model64, tok, _jobs(PROMPTS), max_new_tokens=8, batch_size=batch_size, progress=False)
+    assert got == alone
+
+
+def test_rows_leaving_at_eos_do_not_disturb_the_others(tok, model64, monkeypatch):
+    """Make a token that some answers produce early an EOS: those rows leave their batch (and the
+    KV cache) mid-way; every row must still equal its condition generated alone."""
+    jobs = _jobs(PROMPTS)
+    free = generate_many(model64, tok, jobs, max_new_tokens=8, batch_size=64, progress=False)
+    stop = free[1][1][2]
+    monkeypatch.setattr(gen, "_eos_ids", lambda *a: [stop])
+    got = generate_many(model64, tok, jobs, max_new_tokens=8, batch_size=64, progress=False)
+    assert got == _one_at_a_time(model64, tok, jobs, max_new_tokens=8, batch_size=16)
+    assert got[1][1] == free[1][1][:2]  # it did stop early
+    assert any(len(r) == 8 for rows in got for r in rows)  # and others ran on
+
+
+def test_sampling_in_shared_batches_equals_alone(tok, model64):
+    jobs = _jobs(PROMPTS[:3])
+    kw = dict(sampling=True, top_k=5, temperature=1.3, seed=11, max_new_tokens=6)
+    assert generate_many(model64, tok, jobs, batch_size=5, progress=False, **kw) == \
+        _one_at_a_time(model64, tok, jobs, batch_size=2, **kw)
+
+
+def test_checkpoint_resumes_after_an_interruption(tok, model64, tmp_path, monkeypatch):
+    jobs = _jobs(PROMPTS)
+    want = generate_many(model64, tok, jobs, max_new_tokens=5, batch_size=4, progress=False)
+    ckpt = tmp_path / "gen.ckpt.jsonl"
+    real = gen._decode_batch
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen, "_decode_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        generate_many(model64, tok, jobs, max_new_tokens=5, batch_size=4, progress=False, checkpoint=ckpt)
+    assert len(ckpt.read_text().splitlines()) == 1 + 2 * 4  # header + two finished batches
+    calls.clear()
+    monkeypatch.setattr(gen, "_decode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = generate_many(model64, tok, jobs, max_new_tokens=5, batch_size=4, progress=False, checkpoint=ckpt)
+    assert again == want
+    n_rows = sum(len(j["prompts"]) for j in jobs)
+    assert len(calls) == -(-(n_rows - 8) // 4)  # only the rows not checkpointed were generated
+    # other settings: the checkpoint is not used
+    calls.clear()
+    generate_many(model64, tok, jobs, max_new_tokens=4, batch_size=4, progress=False, checkpoint=ckpt)
+    assert len(calls) == -(-n_rows // 4)
+
+
+def test_generate_many_errors(tok, model64):
+    with pytest.raises(EvaluationError, match="no generation jobs"):
+        generate_many(model64, tok, [])
+    with pytest.raises(EvaluationError, match="not both"):
+        generate_many(model64, tok, [{"prompts": ["a"], "heads": [(0, 1)], "rows": [[(0, 1)]]}])
+    with pytest.raises(EvaluationError, match="unknown keys"):
+        generate_many(model64, tok, [{"prompts": ["a"], "head": [(0, 1)]}])
+    with pytest.raises(EvaluationError, match="rows= has 1"):
+        generate_many(model64, tok, [{"prompts": ["a", "b"], "rows": [[(0, 1)]]}])
+    with pytest.raises(EvaluationError, match="no prompts"):
+        generate_many(model64, tok, [{"prompts": [], "heads": []}])
+    with pytest.raises(IndexError):
+        generate_many(model64, tok, [{"prompts": ["a"], "heads": [(9, 0)]}])
+    with pytest.raises(TypeError):
+        generate_many(model64, tok, {"prompts": ["a"]})
+
+
+@pytest.mark.slow
+def test_smollm2_float64_shared_batches_equal_one_condition_at_a_time():
+    model, tok = load_builtin("builtin:smollm2-135m-instruct", dtype=torch.float64)
+    prompts = PROMPTS[:4]
+    jobs = [{"prompts": prompts, "heads": []},
+            {"prompts": prompts, "heads": [(3, 2), (10, 5)]},
+            {"prompts": prompts, "heads": [(0, 0), (20, 8), (29, 1)]},
+            {"prompts": prompts, "rows": [[(5, 5)], [], [(12, 1), (13, 2)], [(29, 8)]]}]
+    want = _one_at_a_time(model, tok, jobs, max_new_tokens=12, batch_size=1)
+    got = generate_many(model, tok, jobs, max_new_tokens=12, batch_size=16, progress=False)
+    assert got == want
+    assert len({tuple(map(tuple, rows)) for rows in want}) > 1  # the head sets change some answers
