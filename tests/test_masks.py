@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tiny_lm import PROMPTS, refusal_ids, smol_tokenizer, tiny_lm
 
 from safetyheads.ablation import ablate
-from safetyheads.masks import HeadMaskResult, learn_head_mask, mask_heads
+from safetyheads.masks import HeadMaskResult, hard_validation, learn_head_mask, mask_heads
 from safetyheads.prompts import encode_prompts, format_prompts
 
 HARMLESS = ["What is the capital of France?", "Write a short poem about the sea.", "How do I bake bread?",
@@ -99,6 +99,13 @@ def test_hard_topk_validation_equals_direct_ablation(tok, rt):
         assert v.refusal_drop == pytest.approx(drop, rel=1e-9, abs=1e-11)
         assert v.harmless_kl == pytest.approx(kl, rel=1e-9, abs=1e-11)
         assert v.refusal_drop == pytest.approx(v.refusal_base - v.refusal_ablated, abs=1e-12)
+
+
+def test_hard_validation_of_any_heads_matches_the_mask_validation(qwen2, tok, rt):
+    """hard_validation (for other methods' heads) gives the same numbers as the mask's own top-k validation."""
+    r = _run(qwen2, tok, rt, steps=2)
+    v = hard_validation(qwen2, tok, PROMPTS, harmless=HARMLESS, heads=r.top_heads(3), refusal_tokens=rt, batch_size=2)
+    assert v.to_json() == r.validated(3).to_json()
 
 
 def test_ranking_follows_the_learned_parameters(qwen2, tok, rt):

@@ -55,7 +55,7 @@ from .forward import input_device, position_ids_from_mask
 from .prompts import encode_prompts, format_prompts, prompt_format_info
 from .provenance import load_tensors_json, model_record, prompts_digest, provenance, save_tensors_json
 
-__all__ = ["SPARSITY", "HeadMaskResult", "MaskValidation", "learn_head_mask", "mask_heads"]
+__all__ = ["SPARSITY", "HeadMaskResult", "MaskValidation", "hard_validation", "learn_head_mask", "mask_heads"]
 
 SPARSITY = ("l1", "hard-concrete")
 
@@ -520,3 +520,33 @@ def _validate(model, harm: _Batches, safe: _Batches, base_lps, heads: list[Head]
             kl += float(_kl(blp, _last_logits(model, ids, mask)).sum())
     base, ablated = base / harm.n, ablated / harm.n
     return MaskValidation(k, list(heads), base, ablated, base - ablated, kl / safe.n)
+
+
+def hard_validation(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    harmless: Sequence[str],
+    heads: Sequence[Head],
+    refusal_tokens: Sequence[int],
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+) -> MaskValidation:
+    """Any head set, fully ablated: the drop of the mean refusal log-odds on ``prompts`` and the mean harmless
+    KL — the numbers :func:`learn_head_mask` reports for its top-k sets, for comparing other methods' heads."""
+    mode = Mode.parse(mode)
+    eps = check_eps(mode, eps)
+    heads = list(get_adapter(model).check_heads(heads))
+    rt = torch.as_tensor(list(refusal_tokens), dtype=torch.long)
+    if rt.numel() == 0:
+        raise ValueError("refusal_tokens is empty")
+    harm = _Batches(model, tokenizer, list(prompts), prompt_format, system_prompt, batch_size)
+    safe = _Batches(model, tokenizer, list(harmless), prompt_format, system_prompt, batch_size)
+    with _frozen_eval(model):  # the same kernels as learn_head_mask's own validation
+        with torch.no_grad():
+            base_lps = [F.log_softmax(_last_logits(model, ids, mask).double(), -1) for ids, mask in safe.chunks]
+        return _validate(model, harm, safe, base_lps, heads, len(heads), mode, eps, rt)
