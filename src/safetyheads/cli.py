@@ -78,12 +78,37 @@ def _default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{name}-{cfg.dataset.split('/')[-1].split('.')[0]}-{cfg.mode}-{cfg.digest()[:6]}"
 
 
+def _check_inputs(cfg: RunConfig) -> None:
+    """Unknown or too small datasets and unknown judges are usage errors (exit 2) naming the flag,
+    found before the model is loaded or the run folder is touched."""
+    from .datasets import DatasetError, holdout_split, load_prompts
+    from .judges import JudgeError, get_judge
+
+    try:
+        holdout_split(load_prompts(cfg.dataset, column=cfg.column), cfg.n_attribution, cfg.n_eval, seed=cfg.seed)
+    except DatasetError as e:
+        raise click.BadParameter(str(e), param_hint="'--dataset'") from None
+    if cfg.harmless and cfg.harmless.lower() != "none" and cfg.n_harmless:
+        try:
+            load_prompts(cfg.harmless, n=cfg.n_harmless, seed=cfg.seed)
+        except DatasetError as e:
+            raise click.BadParameter(str(e), param_hint="'--harmless'") from None
+    kind, _, rest = cfg.judge.partition(":")
+    if kind.strip().lower() == "llm" and rest.strip():
+        return  # an LLM judge's model is loaded (and checked) by the evaluation stage
+    try:
+        get_judge(cfg.judge)
+    except JudgeError as e:
+        raise click.BadParameter(str(e), param_hint="'--judge'") from None
+
+
 def _execute(stages, out, quiet, config_file, fields) -> Path:
     from .models import ModelLoadError
     from .pipeline import Run, RunFolderError
 
     _setup_logging(quiet)
     cfg = _config(config_file, fields)
+    _check_inputs(cfg)
     out = Path(out) if out else _default_out(cfg)
     try:
         path = Run(cfg, out, progress=not quiet).execute(stages)
@@ -161,7 +186,8 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
         assert heads and all(len(h) == 2 for h in heads)
         return heads  # type: ignore[return-value]
     except (ValueError, AssertionError):
-        raise click.BadParameter(f"heads must look like '2.26,3.4' (layer.head pairs), got {text!r}") from None
+        raise click.BadParameter(f"heads must look like '2.26,3.4' (layer.head pairs), got {text!r}",
+                                 param_hint="'--heads'") from None
 
 
 @app.command()
@@ -181,6 +207,15 @@ def surgery(model, heads, mode, eps, save_to, device) -> None:
     parsed = _parse_heads(heads)
     try:
         m, tok = load_model(model or DEFAULT_MODEL, device=device)
+    except ModelLoadError as e:
+        raise click.ClickException(str(e)) from None
+    from .adapters import head_geometry, validate_heads
+
+    try:
+        validate_heads(parsed, head_geometry(m))
+    except (IndexError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="'--heads'") from None
+    try:
         path = save_surgery(m, tok, parsed, save_to, mode=mode, eps=eps, provenance={"model": model or DEFAULT_MODEL})
     except (ModelLoadError, SurgeryError, IndexError, ValueError) as e:
         raise click.ClickException(str(e)) from None
@@ -197,11 +232,14 @@ def surgery(model, heads, mode, eps, save_to, device) -> None:
               show_default=True, help="which Ships result (auto: exact unless the estimate covers more prompts)")
 def compare(runs, out, k, metric, ships_source) -> None:
     """Overlap of the safety heads and top-k Ships heads of two or more runs (Jaccard, rank correlation)."""
-    from .compare import write_comparison
+    from .compare import NotARunError, write_comparison
 
     if len(runs) < 2:
         raise click.UsageError("compare needs at least two run folders")
-    path = write_comparison(list(runs), out, k=k, metric=metric, ships=ships_source)
+    try:
+        path = write_comparison(list(runs), out, k=k, metric=metric, ships=ships_source)
+    except NotARunError as e:
+        raise click.BadParameter(str(e), param_hint="'RUNS'") from None
     click.echo((path / "compare.md").read_text() if (path / "compare.md").exists() else f"written to {path}")
 
 

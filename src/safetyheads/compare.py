@@ -30,6 +30,10 @@ from .report import RunData, load_run
 Head = tuple[int, int]
 
 
+class NotARunError(ValueError):
+    """A folder given to compare holds no run (no config.json and no Ships, Sahara or evaluation result)."""
+
+
 # --------------------------------------------------------------------------- measures
 
 
@@ -258,6 +262,8 @@ def compare_runs(run_dirs: Sequence[str | Path], k: int = 10, *, metric: str = "
         metric: the Ships score ranked (``"kl"`` or ``"refusal"``).
         ships: which Ships result of a run: ``"auto"`` (exact ``ships.*``, else ``ships_estimate.*``),
             ``"exact"`` or ``"estimate"``.
+    Raises:
+        NotARunError: a folder holds no run.
     Returns:
         ``{"k", "metric", "runs": [per-run summary], "pairs": [per-pair measures]}``; each pair has
         ``basis`` (``"heads"`` or ``"relative-depth"``), ``compared`` (in words), ``sahara_jaccard``,
@@ -269,6 +275,10 @@ def compare_runs(run_dirs: Sequence[str | Path], k: int = 10, *, metric: str = "
     if k < 1:
         raise ValueError("k must be >= 1")
     runs = [load_run(d) for d in run_dirs]
+    for r in runs:
+        if r.config_file is None and all(x is None for x in (r.ships, r.ships_estimate, r.sahara, r.evaluation)):
+            raise NotARunError(f"{r.path} is not a safetyheads run folder: it has no config.json and no Ships, "
+                               "Sahara or evaluation result" + (f" ({'; '.join(r.errors)})" if r.errors else ""))
     _unique_names(runs)
     data = [_summarise(r, k, metric, ships) for r in runs]
     pairs = [_compare_pair(data[i], data[j], k) for i in range(len(data)) for j in range(i + 1, len(data))]
@@ -330,8 +340,8 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path, k: int
     from .plots import overlap_plot
 
     out = Path(out_dir)
+    result = compare_runs(run_dirs, k, metric=metric, ships=ships)  # bad input: nothing written
     out.mkdir(parents=True, exist_ok=True)
-    result = compare_runs(run_dirs, k, metric=metric, ships=ships)
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
     atomic_write_text(out / "compare.md", to_markdown(result))
     overlap_plot(result, out / "compare.png")
