@@ -19,6 +19,7 @@ from safetyheads import SaharaResult, ablate, sahara
 from safetyheads.prompts import encode_prompts, format_prompts
 
 sahara_mod = sys.modules["safetyheads.sahara"]  # the package re-exports the function under the same name
+search_mod = sys.modules["safetyheads.search"]  # the greedy engine sahara() runs on
 principal_angles, subspace, generalized_ships = (sahara_mod.principal_angles, sahara_mod.subspace,
                                                  sahara_mod.generalized_ships)
 
@@ -225,13 +226,13 @@ def test_later_steps_reuse_the_chosen_heads_residual(llama, tok, monkeypatch):
     below it is cached from the model with the already chosen heads ablated (so step 2 is as cheap
     as step 1, not a full forward whenever a chosen head sits in layer 0)."""
     starts = []
-    orig = sahara_mod.reuse_residual
+    orig = search_mod.reuse_residual
 
     def spy(model, start, hidden):
         starts.append(start if hidden is not None else 0)
         return orig(model, start, hidden)
 
-    monkeypatch.setattr(sahara_mod, "reuse_residual", spy)
+    monkeypatch.setattr(search_mod, "reuse_residual", spy)
     res = sahara(llama, tok, P7, steps=2, batch_size=len(P7), progress=False)
     cands = [(layer, h) for layer in range(3) for h in range(4)]
     step2 = [h for h in cands if h != res.heads[0]]
@@ -263,11 +264,11 @@ def test_candidates_restrict_the_search(llama, tok):
 # --------------------------------------------------------------------------- checkpoints
 
 
-_ORIG_ABLATED = sahara_mod._Reps.ablated
+_ORIG_ABLATED = search_mod._Residuals.ablated
 
 
 class Interrupt:
-    """Wraps _Reps.ablated (one call per candidate) to raise KeyboardInterrupt after ``k`` calls."""
+    """Wraps _Residuals.ablated (one call per candidate) to raise KeyboardInterrupt after ``k`` calls."""
 
     def __init__(self, monkeypatch, k: int | None):
         self.k, self.calls = k, 0
@@ -279,7 +280,7 @@ class Interrupt:
             self.calls += 1
             return orig(reps, *a, **kw)
 
-        monkeypatch.setattr(sahara_mod._Reps, "ablated", ablated)
+        monkeypatch.setattr(search_mod._Residuals, "ablated", ablated)
 
 
 @pytest.mark.parametrize("k", [5, 15])

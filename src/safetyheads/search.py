@@ -1,0 +1,681 @@
+"""Exact greedy group search over attention heads, on any objective — the engine under Sahara.
+
+Greedy search (SPEC §3.4, generalised): ``G = {}``; at every step score the ablation of ``G ∪ {h}``
+for every remaining candidate ``h`` against the *unablated* model, by real ablated forward passes
+over all prompts, and add the best ``h``. The objectives (higher is better; small strategies over
+one last-token readout of the prompts):
+
+``"subspace"``  Sahara's generalized Ships: the sum of the principal angles between the
+                top-``rank`` singular subspaces of the final-norm last-token states, unablated
+                vs ablated (:mod:`safetyheads.subspaces`). The paper's method (:func:`~safetyheads.sahara`).
+``"refusal"``   the mean *drop* of the refusal log-odds ``log P(refusal-start tokens) − log P(others)``
+                at the last prompt position: the group whose ablation most lowers refusal. Signed —
+                a head whose ablation raises refusal scores below 0.
+``"kl"``        the mean KL(unablated ‖ ablated) of the last-position next-token distribution (Ships
+                of a group).
+
+Optional utility constraint: with ``harmless`` prompts and ``max_harmless_kl``, a candidate whose
+group moves the harmless prompts' last-position distribution by more than the bound (mean KL) is
+*rejected*: still scored and recorded, never chosen.
+
+Cost and exactness: each step's forward passes start at the candidate's own layer — the residual
+stream entering every layer is cached for the model with the already chosen heads ablated, and an
+ablation that adds a head in layer ``l`` cannot change layers ``< l``. Prompts run in padded
+batches of ``batch_size``. Per-step checkpoints (atomic JSON) resume an interrupted search with
+bit-identical results; ``shard=`` shares each step's candidates between processes
+(:mod:`safetyheads.shards`, :func:`safetyheads.distributed.search_distributed`).
+
+Also here, built on the same readout: :func:`head_scores` (each head ablated alone, on any
+objective) and :func:`signed_effects` — every reported head's exact signed effect on refusal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .ablation import Head, Mode, check_eps, heads_to_strength
+from .ablation import ablate_strengths as _ablate
+from .adapters import get_adapter, validate_heads
+from .forward import last_token_hidden, last_token_logits, reuse_residual
+from .prompts import encode_prompts, format_prompts
+from .provenance import atomic_write_text, model_record, prompts_digest, provenance
+from .shards import as_shard, candidate_cost
+from .ships import kl_from_logprobs, refusal_logodds
+from .subspaces import principal_angles, subspace
+
+log = logging.getLogger("safetyheads")
+
+OBJECTIVES = ("subspace", "refusal", "kl")
+PREFILTERS = (None, "estimate", "exact-subset")
+DEFAULT_BATCH_SIZE = 32
+
+__all__ = ["OBJECTIVES", "SearchResult", "SearchStep", "head_scores", "search_heads", "signed_effects"]
+
+
+# --------------------------------------------------------------------------- result
+
+
+def _pairs(d: dict[Head, float]) -> list[list]:
+    return [[layer, head, v] for (layer, head), v in sorted(d.items())]
+
+
+def _unpairs(rows: list) -> dict[Head, float]:
+    return {(a, b): v for a, b, v in rows}
+
+
+@dataclass
+class SearchStep:
+    """One greedy step: every candidate's score for ``G ∪ {h}`` and the head added.
+
+    ``harmless_kl``: each candidate group's mean KL on the harmless prompts (with ``harmless=``);
+    ``rejected``: candidates over ``max_harmless_kl``, never chosen.
+    """
+
+    chosen: Head
+    score: float
+    scores: dict[Head, float]
+    harmless_kl: dict[Head, float] | None = None
+    rejected: list[Head] = field(default_factory=list)
+
+    def as_matrix(self, n_layers: int, n_heads: int) -> torch.Tensor:
+        """Scores as a ``[n_layers, n_heads]`` heatmap (NaN where not scored)."""
+        t = torch.full((n_layers, n_heads), math.nan)
+        for (layer, head), s in self.scores.items():
+            t[layer, head] = s
+        return t
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"chosen": list(self.chosen), "score": self.score, "scores": _pairs(self.scores)}
+        if self.harmless_kl is not None:
+            d["harmless_kl"] = _pairs(self.harmless_kl)
+            d["rejected"] = [list(h) for h in self.rejected]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> SearchStep:
+        hk = d.get("harmless_kl")
+        return cls(tuple(d["chosen"]), d["score"], _unpairs(d["scores"]), None if hk is None else _unpairs(hk),
+                   [tuple(h) for h in d.get("rejected", [])])
+
+
+@dataclass
+class SearchResult:
+    """The chosen heads in order, every step's candidate scores, signed effects and provenance.
+
+    Attributes:
+        heads: the heads in the order chosen.
+        steps: every step's candidate scores (:class:`SearchStep`).
+        config: the objective and the search's settings (``kept``: the prefilter's candidates;
+            ``stopped``: why the search ended before ``steps``, if it did).
+        provenance: model, data, prompt format, mode, ε, versions, seconds.
+        signed: each head's exact signed effect on refusal — the mean drop of the refusal
+            log-odds over the prompts when the head alone is ablated (positive: the head holds
+            refusal up; negative: ablating it *raises* refusal); None without refusal tokens.
+    """
+
+    heads: list[Head]
+    steps: list[SearchStep]
+    config: dict
+    provenance: dict = field(default_factory=dict)
+    signed: dict[Head, float] | None = None
+
+    kind: ClassVar[str] = "search"
+
+    def raises_refusal(self) -> list[Head]:
+        """The chosen heads whose ablation alone *raises* refusal (negative signed effect)."""
+        return [h for h in self.heads if self.signed is not None and self.signed.get(h, 0.0) < 0]
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"kind": self.kind, "heads": [list(h) for h in self.heads],
+                             "steps": [s.to_json() for s in self.steps], "config": self.config,
+                             "provenance": self.provenance}
+        if self.signed is not None:
+            d["signed_effects"] = _pairs(self.signed)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict):
+        signed = d.get("signed_effects")
+        return cls([tuple(h) for h in d["heads"]], [SearchStep.from_json(s) for s in d["steps"]], d["config"],
+                   d.get("provenance", {}), None if signed is None else _unpairs(signed))
+
+    def save(self, path: str | Path) -> None:
+        """Write the result as JSON (atomically)."""
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Read a result written by :meth:`save`."""
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------- the readout
+
+
+class _Residuals:
+    """Last-token readout of the prompts under an ablation, with the residual stream cached per layer.
+
+    ``readout="hidden"``: the final-norm hidden state (``[N, d]``); ``"logits"``: the next-token
+    logits (``[N, vocab]``); both at the last prompt position, as float64 stacks.
+
+    The cache holds the layer inputs of the model under the ablation ``self.under`` (at first none;
+    :meth:`rebase` moves it to the heads already chosen). An ablation that adds heads to ``under``
+    changes nothing below the lowest added head's layer, so only the layers from there on run — in
+    every greedy step, not just the first. Exact: the same operations on the same batch shapes.
+    """
+
+    def __init__(self, model, tokenizer, texts: list[str], batch_size: int, reuse: bool,
+                 readout: str = "hidden") -> None:
+        if readout not in ("hidden", "logits"):
+            raise ValueError(f"readout must be 'hidden' or 'logits', got {readout!r}")
+        self.model = model
+        self.batch_size = batch_size
+        self.reuse = reuse
+        self.read = last_token_hidden if readout == "hidden" else last_token_logits
+        self.under: torch.Tensor | None = None
+        self.blocks = []  # (ids, mask, layer inputs or None, last-token readout)
+        for b0 in range(0, len(texts), batch_size):
+            enc = encode_prompts(tokenizer, texts[b0:b0 + batch_size])
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            inputs, h = self._run(ids, mask, None, None, 0.0)
+            self.blocks.append((ids, mask, inputs, h))
+        self.base = torch.cat([b[3] for b in self.blocks]).double()
+
+    def _run(self, ids, mask, strength, mode, eps) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """One full forward of a block (ablated by ``strength`` if given), capturing layer inputs if reusing."""
+        inputs: list[torch.Tensor] = []
+        handles = [layer.register_forward_pre_hook(
+            lambda m, a, k, inputs=inputs: inputs.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
+            for layer in get_adapter(self.model).layers] if self.reuse else []
+        try:
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if strength is not None:
+                    stack.enter_context(_ablate(self.model, strength, mode=mode, eps=eps, attention_mask=mask))
+                h = self.read(self.model, ids, mask)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return inputs or None, h
+
+    def rebase(self, strength: torch.Tensor, mode: Mode, eps: float) -> None:
+        """Cache the layer inputs of the model ablated by ``strength`` (the heads chosen so far)."""
+        if not self.reuse or not strength.any():
+            return
+        self.blocks = [(ids, mask, self._run(ids, mask, strength, mode, eps)[0], h) for ids, mask, _, h in self.blocks]
+        self.under = strength.clone()
+
+    def ablated(self, strength: torch.Tensor, mode: Mode, eps: float) -> torch.Tensor:
+        """The readout stack for one ablation (strength ``[1, L, H]``)."""
+        added = strength
+        if self.under is not None:
+            added = strength - self.under
+            if (added < 0).any() or (self.under.bool() & added.bool()).any():
+                raise RuntimeError("internal error: the cached ablation is not part of this one")
+        low = int(torch.nonzero(added[0].sum(1))[0, 0]) if added.any() else 0
+        # low == 0 (or no cache): run every layer under `strength`
+        cached = [inputs[low] if inputs and low > 0 else None for _, _, inputs, _ in self.blocks]
+        out = []
+        for (ids, mask, _, _), hidden in zip(self.blocks, cached):
+            with torch.no_grad(), reuse_residual(self.model, low, hidden), \
+                    _ablate(self.model, strength, mode=mode, eps=eps, attention_mask=mask):
+                out.append(self.read(self.model, ids, mask))
+        return torch.cat(out).double()
+
+
+# --------------------------------------------------------------------------- objectives
+# Each: the readout it needs, prepare(base stack) once, then score(ablated stack) -> float (higher = better).
+
+
+@dataclass
+class _Subspace:
+    """Sahara: sum of principal angles between the unablated and ablated top-``rank`` subspaces."""
+
+    rank: int
+    center: bool
+    space: str
+    readout: ClassVar[str] = "hidden"
+
+    def prepare(self, base: torch.Tensor) -> None:
+        self.U0 = subspace(base, self.rank, center=self.center, space=self.space)
+
+    def score(self, M: torch.Tensor) -> float:
+        return float(principal_angles(self.U0, subspace(M, self.rank, center=self.center, space=self.space)).sum())
+
+
+@dataclass
+class _Refusal:
+    """Mean drop of the refusal log-odds (unablated − ablated) over the prompts."""
+
+    tokens: torch.Tensor
+    readout: ClassVar[str] = "logits"
+
+    def prepare(self, base: torch.Tensor) -> None:
+        self.base = refusal_logodds(base, self.tokens)
+
+    def per_prompt(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.base - refusal_logodds(logits, self.tokens)
+
+    def score(self, logits: torch.Tensor) -> float:
+        return float(self.per_prompt(logits).mean())
+
+
+@dataclass
+class _KL:
+    """Mean KL(unablated ‖ ablated) of the last-position next-token distribution over the prompts."""
+
+    readout: ClassVar[str] = "logits"
+
+    def prepare(self, base: torch.Tensor) -> None:
+        self.base = F.log_softmax(base.double(), dim=-1)
+
+    def score(self, logits: torch.Tensor) -> float:
+        return float(kl_from_logprobs(self.base, F.log_softmax(logits.double(), dim=-1)).mean())
+
+
+def _objective(name: str, *, refusal_tokens, rank: int, center: bool, space: str):
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose from {list(OBJECTIVES)}")
+    if name == "subspace":
+        if space not in ("feature", "query"):
+            raise ValueError("space must be 'feature' or 'query'")
+        if rank < 1:
+            raise ValueError("rank must be >= 1")
+        return _Subspace(int(rank), bool(center), space)
+    if name == "refusal":
+        if refusal_tokens is None:
+            raise ValueError("objective 'refusal' needs refusal_tokens (e.g. evaluate.derive_refusal_tokens)")
+        return _Refusal(_tokens(refusal_tokens))
+    return _KL()
+
+
+def _tokens(refusal_tokens: Sequence[int]) -> torch.Tensor:
+    t = torch.as_tensor(list(refusal_tokens), dtype=torch.long)
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError("refusal_tokens must be a non-empty list of token ids")
+    return t
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _digest(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _checkpoint_load(path: Path | None, digest: str, label: str) -> dict:
+    if path is None or not path.exists():
+        return {"digest": digest, "done": [], "partial": {}}
+    state = json.loads(path.read_text())
+    if state.get("digest") != digest:
+        raise ValueError(
+            f"checkpoint {path} was written by a different {label} configuration (digest {state.get('digest')} != "
+            f"{digest}); use another checkpoint path or delete it"
+        )
+    return state
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def search_heads(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    objective: str = "subspace",
+    steps: int = 3,
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    candidates: Sequence[Head] | None = None,
+    prefilter: str | None = None,
+    prefilter_k: int = 24,
+    prefilter_scores: torch.Tensor | None = None,
+    refusal_tokens: Sequence[int] | None = None,
+    rank: int = 1,
+    center: bool = False,
+    space: str = "feature",
+    harmless: Sequence[str] | None = None,
+    max_harmless_kl: float | None = None,
+    batch_size: int | None = None,
+    reuse: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 60.0,
+    progress: bool = True,
+    shard: Any = None,
+    signed: bool = True,
+    _label: str = "search",
+) -> SearchResult:
+    """Exact greedy search for the group of heads whose joint ablation most moves ``objective``.
+
+    Args:
+        prompts: the attribution prompts (plain text; formatted with ``prompt_format``).
+        objective: ``"subspace"`` (Sahara's generalized Ships; ``rank``, ``center``, ``space``),
+            ``"refusal"`` (mean drop of the refusal log-odds; needs ``refusal_tokens``) or ``"kl"``.
+        steps: how many heads to pick.
+        candidates: heads to search over (default: all).
+        prefilter: ``None`` (every candidate, every step), ``"estimate"`` (keep the ``prefilter_k``
+            best heads of a gradient estimate: the refusal-gradient for ``"refusal"``, the Fisher KL
+            estimate otherwise — :func:`~safetyheads.ships.ships_estimate`) or ``"exact-subset"``
+            (keep the ``prefilter_k`` best exact step-1 scores on the first ``min(8, N)`` prompts).
+        prefilter_scores: with ``prefilter="estimate"``, per-head scores ``[n_layers, n_heads]``
+            already computed (higher = more promising) instead of recomputing the estimate.
+        refusal_tokens: token ids that start a refusal. Needed by ``"refusal"``; with any objective
+            they give each chosen head's signed effect (``SearchResult.signed``, unless ``signed=False``).
+        harmless, max_harmless_kl: the utility constraint. Each candidate group's mean last-position
+            KL on ``harmless`` prompts is recorded; one above ``max_harmless_kl`` is rejected. If
+            every remaining candidate is rejected the search stops early (``config["stopped"]``).
+        batch_size: prompts per forward pass (default 32).
+        reuse: cache the residual stream per layer (memory: layers × prompts × tokens × d).
+        checkpoint: a JSON file written atomically after every step and every ``checkpoint_every_s``
+            within a step; rerunning the same call resumes from it (bit-identical result). A
+            checkpoint of a different configuration is refused.
+        shard: share every step's candidates with other processes (a
+            :class:`~safetyheads.shards.DistributedShard`); it keeps its own per-process
+            checkpoints, so do not pass ``checkpoint`` with it.
+    Returns:
+        :class:`SearchResult`: the heads in the order chosen, every step's candidate scores and
+        (with refusal tokens) each chosen head's signed effect on refusal.
+    """
+    mode = Mode.parse(mode)
+    eps = check_eps(mode, eps)
+    obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    if objective == "subspace" and len(prompts) < rank + (1 if center else 0):
+        raise ValueError(f"Sahara with rank {rank}{' (centred)' if center else ''} needs at least "
+                         f"{rank + (1 if center else 0)} prompts, got {len(prompts)}")
+    g = get_adapter(model).geometry
+    if candidates is None:
+        cands = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    else:
+        cands = validate_heads(candidates, g)
+        if len(set(cands)) != len(cands):
+            dup = sorted({c for c in cands if cands.count(c) > 1})
+            raise ValueError(f"duplicate candidates: {dup}")
+        if not cands:
+            raise ValueError("candidates is empty")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if steps > len(cands):
+        raise ValueError(f"steps={steps} is more than the {len(cands)} candidate heads")
+    if prefilter not in PREFILTERS:
+        raise ValueError(f"unknown prefilter {prefilter!r}; choose None, 'estimate' or 'exact-subset'")
+    if prefilter and prefilter_k < steps:
+        raise ValueError(f"prefilter_k={prefilter_k} must be >= steps={steps}")
+    if prefilter_scores is not None and tuple(prefilter_scores.shape) != (g.n_layers, g.n_heads):
+        raise ValueError(f"prefilter_scores must be [{g.n_layers}, {g.n_heads}], got {tuple(prefilter_scores.shape)}")
+    if max_harmless_kl is not None:
+        if not harmless:
+            raise ValueError("max_harmless_kl needs harmless prompts (harmless=[...])")
+        if not max_harmless_kl >= 0:
+            raise ValueError(f"max_harmless_kl must be >= 0, got {max_harmless_kl}")
+    if harmless is not None and len(harmless) == 0:
+        raise ValueError("harmless is empty: give harmless prompts or None")
+    rt = None if refusal_tokens is None else _tokens(refusal_tokens)
+    bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shard is not None:
+        shard = as_shard(shard, need_all=True)
+        if checkpoint is not None:
+            raise ValueError("pass checkpoint= or shard=, not both: a shard keeps per-process checkpoints "
+                             "(DistributedShard(checkpoint_dir=...))")
+
+    texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
+    h_texts = None if harmless is None else format_prompts(tokenizer, list(harmless), prompt_format,
+                                                          system_prompt=system_prompt)
+    cfg: dict[str, Any] = {"objective": objective, "steps": steps, "mode": mode.value, "eps": eps,
+                           "prompt_format": str(prompt_format), "system_prompt": system_prompt,
+                           "candidates": [list(h) for h in cands], "prompts_sha256": prompts_digest(texts),
+                           "prefilter": prefilter, "prefilter_k": prefilter_k}
+    if objective == "subspace":
+        cfg.update(rank=rank, center=center, space=space)
+    if objective == "refusal":
+        cfg["refusal_tokens"] = rt.tolist()
+    if h_texts is not None:
+        cfg.update(harmless_sha256=prompts_digest(h_texts), max_harmless_kl=max_harmless_kl)
+    if prefilter == "estimate" and prefilter_scores is not None:
+        cfg["prefilter_scores_sha256"] = hashlib.sha256(prefilter_scores.double().numpy().tobytes()).hexdigest()[:16]
+    digest = _digest(cfg)
+    ckpt = Path(checkpoint) if checkpoint else None
+    state = _checkpoint_load(ckpt, digest, _label)
+
+    def save_state() -> None:
+        if ckpt is not None:
+            atomic_write_text(ckpt, json.dumps(state))
+
+    t0 = time.perf_counter()
+    reps = _Residuals(model, tokenizer, texts, bs, reuse, obj.readout)
+    obj.prepare(reps.base)
+    harm = None
+    if h_texts is not None:
+        harm = _Residuals(model, tokenizer, h_texts, bs, reuse, "logits")
+        harm_kl = _KL()
+        harm_kl.prepare(harm.base)
+
+    def evaluate(heads: list[Head]) -> float | list[float]:
+        strength = heads_to_strength(model, [heads])
+        s = obj.score(reps.ablated(strength, mode, eps))
+        if harm is None:
+            return s
+        return [s, harm_kl.score(harm.ablated(strength, mode, eps))]
+
+    # prefilter: restrict the candidates once, recorded in the checkpoint
+    if prefilter and "kept" not in state:
+        state["kept"] = [list(h) for h in _prefilter(
+            model, tokenizer, prompts, cands, prefilter, prefilter_k, objective, rt, mode, eps, rank, center, space,
+            prompt_format, system_prompt, bs, progress, shard, prefilter_scores, _label)]
+        save_state()
+    pool = [tuple(h) for h in state["kept"]] if prefilter else cands
+
+    done: list[dict] = state["done"]
+    chosen: list[Head] = [tuple(s["chosen"]) for s in done]
+    for step in range(len(done), steps):
+        if "stopped" in state:
+            break
+        if chosen:  # reuse the residual of the model with the chosen heads ablated below each candidate
+            strength = heads_to_strength(model, [chosen])
+            reps.rebase(strength, mode, eps)
+            if harm is not None:
+                harm.rebase(strength, mode, eps)
+        partial = {tuple(json.loads(k)): v for k, v in state["partial"].items()}
+        todo = [h for h in pool if h not in chosen and h not in partial]
+        last_save = time.perf_counter()
+        bar = tqdm(total=len(pool) - len(chosen), initial=len(partial), disable=not progress,
+                   desc=f"{_label} ({objective}) step {step + 1}/{steps}")
+        if shard is not None:
+            record = {k: v for k, v in model_record(model).items() if k != "device"}
+            key = {"kind": _label.lower(), "config": digest, "model": record, "batch_size": bs,
+                   "reuse": reuse, "step": step, "chosen": [list(h) for h in chosen]}
+            mine = set(shard.select(key, [(h, candidate_cost(chosen + [h], g.n_layers)) for h in todo]))
+            bar.total = len(mine)
+            bar.refresh()
+            for h in todo:
+                if h in mine:
+                    partial[h] = evaluate(chosen + [h])
+                    shard.record(h, partial[h])
+                    bar.update(1)
+            bar.close()
+            partial.update(shard.gather())
+            partial = dict(sorted(partial.items()))  # the same order on every process
+            todo = []
+        try:
+            for h in todo:
+                partial[h] = evaluate(chosen + [h])
+                bar.update(1)
+                if time.perf_counter() - last_save > checkpoint_every_s:
+                    state["partial"] = {json.dumps(list(k)): v for k, v in partial.items()}
+                    save_state()
+                    last_save = time.perf_counter()
+        finally:  # an interrupted step keeps what it scored
+            state["partial"] = {json.dumps(list(k)): v for k, v in partial.items()}
+            save_state()
+            bar.close()
+        entry = _choose(partial, harm is not None, max_harmless_kl)
+        if entry is None:
+            state["stopped"] = {"step": step + 1, "reason": f"every remaining candidate's harmless KL exceeds "
+                                                            f"max_harmless_kl={max_harmless_kl}"}
+            log.warning("%s step %d: %s; stopping with %d heads", _label, step + 1, state["stopped"]["reason"],
+                        len(chosen))
+        else:
+            chosen.append(tuple(entry["chosen"]))
+            done.append(entry)
+            log.info("%s step %d: head %s (score %.4f)", _label, step + 1, tuple(entry["chosen"]), entry["score"])
+        state["partial"] = {}
+        save_state()
+
+    result_steps = [SearchStep.from_json(s) for s in done]
+    effects = None
+    if rt is not None and signed and chosen:
+        effects = _signed_of(result_steps, chosen, objective, prefilter)
+        if effects is None:
+            effects = signed_effects(model, tokenizer, prompts, chosen, refusal_tokens=rt.tolist(), mode=mode, eps=eps,
+                                     prompt_format=prompt_format, system_prompt=system_prompt, batch_size=bs)
+    prov = provenance(model, prompts, prompt_format=str(prompt_format), mode=mode.value, eps=eps,
+                      system_prompt=system_prompt, seconds=round(time.perf_counter() - t0, 2))
+    config = {k: v for k, v in cfg.items() if k != "candidates"}
+    config.update(n_candidates=len(cands), kept=state.get("kept"))
+    if "stopped" in state:
+        config["stopped"] = state["stopped"]
+    return SearchResult(chosen, result_steps, config, prov, effects)
+
+
+def _choose(partial: dict[Head, Any], constrained: bool, bound: float | None) -> dict | None:
+    """The step record: best accepted candidate (ties: lower layer, then lower head), or None if none is."""
+    if constrained:
+        scores = {h: v[0] for h, v in partial.items()}
+        hkl = {h: v[1] for h, v in partial.items()}
+        rejected = sorted(h for h, v in hkl.items() if bound is not None and not v <= bound)
+    else:
+        scores, hkl, rejected = dict(partial), None, []
+    ok = [h for h in scores if h not in set(rejected)]
+    if not ok:
+        return None
+    best = max(ok, key=lambda k: (scores[k], -k[0], -k[1]))
+    entry = {"chosen": list(best), "score": scores[best], "scores": _pairs(scores)}
+    if hkl is not None:
+        entry["harmless_kl"] = _pairs(hkl)
+        entry["rejected"] = [list(h) for h in rejected]
+    return entry
+
+
+def _signed_of(steps: list[SearchStep], chosen: list[Head], objective: str, prefilter: str | None) -> dict | None:
+    """For the refusal objective the first step already scored every pool head alone: its signed effect."""
+    if objective != "refusal" or not steps:
+        return None
+    first = steps[0].scores
+    if not all(h in first for h in chosen):
+        return None
+    return {h: first[h] for h in chosen}
+
+
+def _prefilter(model, tokenizer, prompts, cands, how, k, objective, rt, mode, eps, rank, center, space, prompt_format,
+               system_prompt, batch_size, progress, shard=None, scores=None, label="search") -> list[Head]:
+    """The ``k`` most promising candidates (see :func:`search_heads`)."""
+    if len(cands) <= k:
+        return list(cands)
+    if how == "estimate" and scores is not None:
+        vals = {h: float(scores[h]) for h in cands}
+    elif how == "estimate":
+        from .ships import ships_estimate
+
+        if objective == "refusal":
+            est = ships_estimate(model, tokenizer, prompts, estimator="refusal-grad", refusal_tokens=rt.tolist(),
+                                 mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
+                                 progress=progress).mean("refusal")
+        else:
+            est = ships_estimate(model, tokenizer, prompts, mode=mode, eps=eps, prompt_format=prompt_format,
+                                 system_prompt=system_prompt, progress=progress).mean("kl")
+        vals = {h: float(est[h]) for h in cands}
+    else:
+        n = max(min(8, len(prompts)), rank + 1) if objective == "subspace" else min(8, len(prompts))
+        res = search_heads(model, tokenizer, list(prompts[:n]), objective=objective, steps=1, mode=mode, eps=eps,
+                           refusal_tokens=None if rt is None else rt.tolist(), rank=rank, center=center, space=space,
+                           prompt_format=prompt_format, system_prompt=system_prompt, candidates=cands,
+                           batch_size=batch_size, progress=progress, shard=shard, signed=False, _label=label)
+        vals = res.steps[0].scores
+    return sorted(cands, key=lambda h: -vals[h])[:k]
+
+
+# --------------------------------------------------------------------------- single heads
+
+
+def head_scores(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    heads: Sequence[Head],
+    *,
+    objective: str = "refusal",
+    refusal_tokens: Sequence[int] | None = None,
+    rank: int = 1,
+    center: bool = False,
+    space: str = "feature",
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[Head, float]:
+    """Each head's exact score on ``objective`` when it alone is ablated (mean over ``prompts``).
+
+    The same readout and forward passes as a search's first step (one forward per head per
+    prompt batch, from the head's own layer), so the values equal the step-1 scores of
+    :func:`search_heads` with the same ``batch_size``. ``"refusal"``: the signed effect on refusal;
+    ``"kl"``: mean Ships (KL); ``"subspace"``: Sahara's single-head generalized Ships.
+    """
+    mode = Mode.parse(mode)
+    eps = check_eps(mode, eps)
+    obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    heads = validate_heads(heads, get_adapter(model).geometry)
+    bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
+    reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout)
+    obj.prepare(reps.base)
+    out: dict[Head, float] = {}
+    for h in tqdm(list(dict.fromkeys(heads)), desc=f"head scores ({objective})", disable=not progress):
+        out[h] = obj.score(reps.ablated(heads_to_strength(model, [[h]]), mode, eps))
+    return out
+
+
+def signed_effects(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    heads: Sequence[Head],
+    *,
+    refusal_tokens: Sequence[int],
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[Head, float]:
+    """Each head's exact signed effect on refusal: the mean drop of the refusal log-odds over
+    ``prompts`` when the head alone is ablated.
+
+    Positive: the head holds refusal up (ablating it lowers refusal); negative: ablating it
+    *raises* refusal. One forward per head per prompt batch (residual reused below the head).
+    """
+    return head_scores(model, tokenizer, prompts, heads, objective="refusal", refusal_tokens=refusal_tokens,
+                       mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
+                       batch_size=batch_size, progress=progress)

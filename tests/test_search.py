@@ -1,0 +1,342 @@
+"""The greedy group-search engine: brute force over all small groups, resume, the harmless constraint,
+signed effects.
+
+Each test's docstring states the property it checks and its tolerance. The model is a tiny random
+Llama (3 layers × 4 query heads: 12 candidates, 66 pairs) in float64 with the SmolLM2 tokenizer's
+vocabulary, so exact equivalences are checked to 1e-9; prompts use SmolLM2's chat template.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+
+import pytest
+import torch
+from tiny_lm import PROMPTS, refusal_ids, smol_tokenizer, tiny_lm
+
+from safetyheads import ablate, sahara
+from safetyheads.prompts import encode_prompts, format_prompts
+from safetyheads.search import SearchResult, head_scores, search_heads, signed_effects
+
+search_mod = sys.modules["safetyheads.search"]
+
+P6 = PROMPTS + ["Tell me a joke about cats"]
+HARMLESS = ["What is the capital of France?", "Write a haiku about rain", "How do plants grow?"]
+HEADS = [(layer, h) for layer in range(3) for h in range(4)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~20× faster on one thread than on two OpenMP threads on a loaded shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smol_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_lm("llama", len(tok), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def rt(tok):
+    return refusal_ids(tok)
+
+
+# --------------------------------------------------------------------------- an independent reference
+
+
+class Reference:
+    """Scores of any head group by plain ``ablate()``: one unpadded prompt per forward, the final-norm
+    state from ``base_model`` and logits from ``lm_head`` of it, every metric written out here."""
+
+    def __init__(self, model, tok, prompts, rt):
+        self.model, self.rt = model, torch.tensor(rt)
+        self.ids = [encode_prompts(tok, [t])["input_ids"] for t in format_prompts(tok, prompts)]
+        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.h0, self.z0 = self.read(())
+
+    def read(self, heads) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(sorted(heads))
+        if key not in self.cache:
+            hs = []
+            with torch.no_grad(), ablate(self.model, list(key), mode="ua", eps=1e-5):
+                for ids in self.ids:
+                    hs.append(self.model.base_model(input_ids=ids).last_hidden_state[0, -1])
+            h = torch.stack(hs)
+            with torch.no_grad():
+                self.cache[key] = (h, self.model.lm_head(h))
+        return self.cache[key]
+
+    def logodds(self, z: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(z, -1)
+        pr = p[:, self.rt].sum(-1)
+        return torch.log(pr) - torch.log1p(-pr)
+
+    def refusal(self, heads) -> float:
+        return float((self.logodds(self.z0) - self.logodds(self.read(heads)[1])).mean())
+
+    def kl(self, heads) -> float:
+        p0, p1 = torch.softmax(self.z0, -1), torch.softmax(self.read(heads)[1], -1)
+        return float((p0 * (p0.log() - p1.log())).sum(-1).mean())
+
+    def subspace(self, heads, rank: int = 1) -> float:
+        def top(M):
+            return torch.linalg.svd(M, full_matrices=False)[2][:rank].T
+        cos = torch.linalg.svdvals(top(self.h0).T @ top(self.read(heads)[0])).clamp(-1, 1)
+        return float(torch.arccos(cos).sum())
+
+    def score(self, objective: str, heads) -> float:
+        return getattr(self, objective)(heads)
+
+
+def brute_force(ref: Reference, objective: str) -> tuple[dict, dict]:
+    """Every single head and every pair, scored directly."""
+    singles = {h: ref.score(objective, [h]) for h in HEADS}
+    pairs = {frozenset(p): ref.score(objective, list(p)) for p in itertools.combinations(HEADS, 2)}
+    return singles, pairs
+
+
+@pytest.fixture(scope="module")
+def ref(model, tok, rt):
+    return Reference(model, tok, P6, rt)
+
+
+# --------------------------------------------------------------------------- brute force
+
+
+@pytest.mark.parametrize("objective", ["refusal", "kl", "subspace"])
+def test_greedy_equals_brute_force_over_all_pairs(model, tok, rt, ref, objective):
+    """steps=2 over all 12 heads: step 1 picks the best single head and step 2 the best pair that
+    contains it, exactly as brute-force scoring of all 12 singles and 66 pairs by direct ablation
+    says; every candidate score of both steps equals the brute-force score of its group (1e-9 for
+    refusal/KL, 1e-7 rad for the subspace angle — the reference takes arccos, the engine atan2)."""
+    singles, pairs = brute_force(ref, objective)
+    first = max(singles, key=singles.get)
+    gap = sorted(singles.values(), reverse=True)
+    assert gap[0] - gap[1] > 1e-6  # an unambiguous choice
+    with_first = {h: pairs[frozenset((first, h))] for h in HEADS if h != first}
+    second = max(with_first, key=with_first.get)
+    res = search_heads(model, tok, P6, objective=objective, steps=2, refusal_tokens=rt, progress=False)
+    assert res.heads == [first, second]
+    tol = 1e-7 if objective == "subspace" else 1e-9
+    for h, v in singles.items():
+        assert res.steps[0].scores[h] == pytest.approx(v, abs=tol), h
+    for h, v in with_first.items():
+        assert res.steps[1].scores[h] == pytest.approx(v, abs=tol), h
+    assert set(res.steps[1].scores) == set(HEADS) - {first}
+    assert res.steps[1].score == res.steps[1].scores[second]
+
+
+def test_refusal_objective_is_signed(model, tok, rt, ref):
+    """The refusal objective keeps the sign: on this model some heads' ablation raises the refusal
+    log-odds (negative score), and the search's scores have exactly those signs (brute force)."""
+    singles, _ = brute_force(ref, "refusal")
+    res = search_heads(model, tok, P6, objective="refusal", steps=1, refusal_tokens=rt, progress=False)
+    assert any(v < 0 for v in singles.values()) and any(v > 0 for v in singles.values())
+    assert {h for h, v in res.steps[0].scores.items() if v < 0} == {h for h, v in singles.items() if v < 0}
+
+
+def test_sahara_is_the_subspace_objective(model, tok):
+    """sahara() is the engine with objective="subspace": the same heads and bit-identical scores for
+    the same rank / centring / space, prefilter included."""
+    kw = dict(steps=2, prefilter="exact-subset", prefilter_k=5, progress=False)
+    a = sahara(model, tok, P6, preset=None, rank=2, center=True, **kw)
+    b = search_heads(model, tok, P6, objective="subspace", rank=2, center=True, **kw)
+    assert a.heads == b.heads and [s.scores for s in a.steps] == [s.scores for s in b.steps]
+    assert a.config["kept"] == b.config["kept"] and a.config["preset"] is None
+
+
+# --------------------------------------------------------------------------- signed effects
+
+
+def test_signed_effects_exact_and_everywhere(model, tok, rt, ref, tmp_path):
+    """signed_effects equals the brute-force drop of the refusal log-odds of each head ablated alone
+    (1e-9); it is the refusal search's step-1 score (bit-identical: the same forward passes); Sahara
+    and every search given refusal tokens carry it for their chosen heads, in the JSON too, and
+    raises_refusal() lists exactly the chosen heads with a negative effect."""
+    eff = signed_effects(model, tok, P6, HEADS, refusal_tokens=rt)
+    for h in HEADS:
+        assert eff[h] == pytest.approx(ref.refusal([h]), abs=1e-9)
+    search = search_heads(model, tok, P6, objective="refusal", steps=2, refusal_tokens=rt, progress=False)
+    assert search.signed == {h: search.steps[0].scores[h] for h in search.heads}
+    assert search.signed == {h: eff[h] for h in search.heads}
+    sah = sahara(model, tok, P6, steps=3, refusal_tokens=rt, progress=False)
+    assert sah.signed == {h: eff[h] for h in sah.heads}
+    assert sah.raises_refusal() == [h for h in sah.heads if eff[h] < 0]
+    kl = search_heads(model, tok, P6, objective="kl", steps=2, refusal_tokens=rt, progress=False)
+    assert kl.signed == {h: eff[h] for h in kl.heads}
+    assert sahara(model, tok, P6, steps=1, progress=False).signed is None  # no refusal tokens: no sign
+    sah.save(tmp_path / "s.json")
+    back = type(sah).load(tmp_path / "s.json")
+    assert back.signed == sah.signed and json.loads((tmp_path / "s.json").read_text())["kind"] == "sahara"
+
+
+def test_head_scores_match_the_search_and_ships(model, tok, rt):
+    """head_scores(objective) of single heads equal the search's step-1 scores bit for bit, and its
+    KL equals the mean exact Ships (ships(), unpadded prompts) to 1e-9."""
+    from safetyheads import ships
+
+    for objective in ("kl", "subspace"):
+        hs = head_scores(model, tok, P6, HEADS, objective=objective)
+        res = search_heads(model, tok, P6, objective=objective, steps=1, progress=False)
+        assert hs == res.steps[0].scores
+    exact = ships(model, tok, P6, progress=False).kl.double().mean(0)
+    hs = head_scores(model, tok, P6, HEADS, objective="kl")
+    for (layer, h), v in hs.items():
+        assert v == pytest.approx(float(exact[layer, h]), rel=1e-5, abs=1e-9)  # ships stores float32
+
+
+# --------------------------------------------------------------------------- the harmless constraint
+
+
+def test_constraint_rejects_candidates(model, tok, rt):
+    """With harmless prompts, each candidate group's harmless KL is recorded and equals the direct
+    computation (1e-9); with a bound between the values, every candidate above it is rejected, the
+    chosen head is the best accepted one (not the unconstrained best), and a rejected head is never
+    chosen later; with a bound below every value the search stops early and says why."""
+    href = Reference(model, tok, HARMLESS, rt)
+    free = search_heads(model, tok, P6, objective="refusal", steps=1, refusal_tokens=rt, progress=False)
+    best = free.heads[0]
+    hkl = {h: href.kl([h]) for h in HEADS}
+    bound = hkl[best] * 0.999  # rejects the unconstrained best
+    accepted = [h for h in HEADS if hkl[h] <= bound]
+    assert accepted and len(accepted) < len(HEADS)
+    res = search_heads(model, tok, P6, objective="refusal", steps=2, refusal_tokens=rt, harmless=HARMLESS,
+                       max_harmless_kl=bound, progress=False)
+    s1 = res.steps[0]
+    for h in HEADS:
+        assert s1.harmless_kl[h] == pytest.approx(hkl[h], abs=1e-9)
+    assert set(s1.rejected) == {h for h in HEADS if hkl[h] > bound} and best in s1.rejected
+    assert s1.scores == free.steps[0].scores  # the objective itself is unchanged by the constraint
+    assert res.heads[0] == max(accepted, key=lambda h: free.steps[0].scores[h]) != best
+    assert not set(res.heads) & set(s1.rejected)
+    assert all(res.steps[1].harmless_kl[h] <= bound for h in [res.heads[1]])
+    stopped = search_heads(model, tok, P6, objective="refusal", steps=2, refusal_tokens=rt, harmless=HARMLESS,
+                           max_harmless_kl=min(hkl.values()) / 2, progress=False)
+    assert stopped.heads == [] and stopped.config["stopped"]["step"] == 1
+    assert "max_harmless_kl" in stopped.config["stopped"]["reason"]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+_ORIG_ABLATED = search_mod._Residuals.ablated
+
+
+class Interrupt:
+    """Wraps _Residuals.ablated to raise KeyboardInterrupt after ``k`` calls (None: count only)."""
+
+    def __init__(self, monkeypatch, k: int | None):
+        self.k, self.calls = k, 0
+
+        def ablated(reps, *a, **kw):
+            if self.k is not None and self.calls >= self.k:
+                raise KeyboardInterrupt
+            self.calls += 1
+            return _ORIG_ABLATED(reps, *a, **kw)
+
+        monkeypatch.setattr(search_mod._Residuals, "ablated", ablated)
+
+
+@pytest.mark.parametrize("objective, k", [("refusal", 17), ("refusal", 27), ("kl", 43)])
+def test_resume_after_interruption_is_identical(model, tok, rt, tmp_path, monkeypatch, objective, k):
+    """A search with an exact-subset prefilter (12 forward batches) and the harmless constraint (two
+    forward batches per candidate: 6 + 5 + 4 candidates) interrupted after k batches — mid step 1
+    (k=17), mid step 2 (k=27), or in the signed effects after the last step (kl, k=43) — and rerun
+    with the same checkpoint returns exactly the uninterrupted result (heads, scores, harmless KLs,
+    signed effects: bit-identical), redoing only the unfinished candidates (the prefilter is not
+    rerun); a third call with the finished checkpoint scores no candidate."""
+    kw = dict(objective=objective, steps=3, refusal_tokens=rt, harmless=HARMLESS, max_harmless_kl=10.0,
+              prefilter="exact-subset", prefilter_k=6, progress=False)
+    full = search_heads(model, tok, P6, **kw)
+    ckpt = tmp_path / "ck.json"
+    cut = Interrupt(monkeypatch, k)
+    with pytest.raises(KeyboardInterrupt):
+        search_heads(model, tok, P6, checkpoint=ckpt, checkpoint_every_s=1e9, **kw)
+    assert cut.calls == k and len(json.loads(ckpt.read_text())["kept"]) == 6
+    signed = 3 if objective == "kl" else 0  # kl: the chosen heads' signed effects, one batch each, not stored
+    search = 12 + 2 * (6 + 5 + 4)
+    again = Interrupt(monkeypatch, None)
+    res = search_heads(model, tok, P6, checkpoint=ckpt, **kw)
+    assert again.calls == max(0, search - 12 - 2 * ((k - 12) // 2)) + signed
+    assert res.to_json()["steps"] == full.to_json()["steps"] and res.heads == full.heads
+    assert res.signed == full.signed
+    done = Interrupt(monkeypatch, None)
+    assert search_heads(model, tok, P6, checkpoint=ckpt, **kw).heads == full.heads
+    assert done.calls == signed
+
+
+def test_checkpoint_of_another_objective_is_refused(model, tok, rt, tmp_path):
+    """A checkpoint written by another objective, bound or refusal-token set is refused."""
+    ckpt = tmp_path / "ck.json"
+    search_heads(model, tok, P6, objective="refusal", steps=1, refusal_tokens=rt, checkpoint=ckpt, progress=False)
+    for change in (dict(objective="kl"), dict(refusal_tokens=rt[:1]), dict(harmless=HARMLESS, max_harmless_kl=1.0)):
+        with pytest.raises(ValueError, match="different search configuration"):
+            search_heads(model, tok, P6, **{**dict(objective="refusal", steps=1, refusal_tokens=rt), **change},
+                         checkpoint=ckpt, progress=False)
+
+
+def test_sharded_search_equals_one_process(model, tok, rt, tmp_path):
+    """search_distributed without torch.distributed (one process, per-process checkpoint files) gives
+    the same result as search_heads, and a rerun loads every candidate from its files."""
+    from safetyheads.distributed import DistributedShard, search_distributed
+
+    kw = dict(objective="refusal", steps=2, refusal_tokens=rt, harmless=HARMLESS, progress=False)
+    ref = search_heads(model, tok, P6, **kw)
+    got = search_distributed(model, tok, P6, checkpoint_dir=tmp_path, **kw)
+    assert got.to_json()["steps"] == ref.to_json()["steps"]
+    shard = DistributedShard(checkpoint_dir=tmp_path)
+    again = search_heads(model, tok, P6, shard=shard, **kw)
+    assert shard.computed == 0 and again.heads == ref.heads
+
+
+# --------------------------------------------------------------------------- prefilters and errors
+
+
+def test_estimate_prefilter_uses_the_refusal_gradient(model, tok, rt):
+    """For the refusal objective the "estimate" prefilter keeps the prefilter_k heads with the largest
+    mean refusal-gradient estimate (ships_estimate(estimator="refusal-grad")), and only those are scored."""
+    from safetyheads import ships_estimate
+
+    est = ships_estimate(model, tok, P6, estimator="refusal-grad", refusal_tokens=rt, progress=False).mean("refusal")
+    top = sorted(HEADS, key=lambda h: -float(est[h]))[:4]
+    res = search_heads(model, tok, P6, objective="refusal", steps=2, refusal_tokens=rt, prefilter="estimate",
+                       prefilter_k=4, progress=False)
+    assert [tuple(h) for h in res.config["kept"]] == top
+    assert set(res.steps[0].scores) == set(top)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(objective="refusal"), "needs refusal_tokens"),
+    (dict(objective="nope"), "unknown objective"),
+    (dict(max_harmless_kl=1.0), "needs harmless prompts"),
+    (dict(harmless=HARMLESS, max_harmless_kl=-1.0), "max_harmless_kl must be >= 0"),
+    (dict(harmless=[]), "harmless is empty"),
+    (dict(prefilter_scores=torch.zeros(2, 2), prefilter="estimate"), "prefilter_scores must be"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(refusal_tokens=[]), "refusal_tokens must be a non-empty"),
+])
+def test_bad_arguments_are_rejected(model, tok, kwargs, match):
+    """Each bad argument is a ValueError naming it, before any forward pass."""
+    with pytest.raises(ValueError, match=match):
+        search_heads(model, tok, P6, progress=False, **kwargs)
+
+
+def test_result_roundtrip(model, tok, rt, tmp_path):
+    """SearchResult.save/load gives back heads, steps (harmless KL, rejected), config and signed effects."""
+    res = search_heads(model, tok, P6[:3], objective="refusal", steps=2, refusal_tokens=rt, harmless=HARMLESS,
+                       max_harmless_kl=math.inf, progress=False)
+    res.save(tmp_path / "r.json")
+    back = SearchResult.load(tmp_path / "r.json")
+    assert back.to_json() == json.loads(json.dumps(res.to_json()))
+    assert back.steps[0].harmless_kl == res.steps[0].harmless_kl and back.signed == res.signed
