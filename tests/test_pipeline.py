@@ -25,9 +25,19 @@ SMALL = ["--model", "builtin:smollm2-135m-instruct", "--n-attribution", "4", "--
          "--batch-size", "8", "--quiet"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "safetyheads.cli", *args], capture_output=True, text=True,
-                          timeout=900)
+def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """``safetyheads`` in a subprocess; ``cache`` overrides the session's SAFETYHEADS_CACHE."""
+    env = {**os.environ, "SAFETYHEADS_CACHE": str(cache)} if cache is not None else None
+    r = subprocess.run([sys.executable, "-m", "safetyheads.cli", *args], capture_output=True, timeout=900, env=env)
+    # decoded by hand: text=True would turn the carriage returns of a progress bar into newlines
+    r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    return r
+
+
+def assert_no_progress_bars(stderr: str) -> None:
+    """No tqdm bar of any kind: tqdm redraws with carriage returns and writes 'NN%|' and 'it/s' or 's/it'."""
+    for mark in ("\r", "%|", "it/s", "s/it", "Loading weights", "de-quantizing"):
+        assert mark not in stderr, f"{mark!r} in stderr: {stderr[-2000:]!r}"
 
 
 # --------------------------------------------------------------------------- config errors (fast)
@@ -41,8 +51,11 @@ def test_unknown_key_in_config_file_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("body, msg", [
-    ("steps = 0", "steps"), ('mode = "nope"', "mode"), ("eps = -1.0", "eps"), ("n_eval = 'x'", "n_eval"),
-    ("prefilter_k = 1\nsteps = 3", "prefilter_k"),
+    ("steps = 0", r"c\.toml\):\n  steps: Input should be greater than or equal to 1"),
+    ('mode = "nope"', r"mode: Input should be 'ua', 'sc'"),
+    ("eps = -1.0", "eps: Value error, eps must be a finite number >= 0"),
+    ("n_eval = 'x'", "n_eval: Input should be a valid integer"),
+    ("prefilter_k = 1\nsteps = 3", "prefilter_k must be >= steps"),
 ])
 def test_bad_values_are_named(tmp_path, body, msg):
     f = tmp_path / "c.toml"
@@ -91,6 +104,40 @@ def test_output_that_is_a_file_is_refused(tmp_path):
     assert r.exit_code != 0 and ("not a folder" in r.output or "is a file" in r.output)
 
 
+def test_quiet_silences_library_bars_for_the_command_only(tmp_path, monkeypatch):
+    """--quiet switches off transformers' bars and the GGUF dequantizer's own tqdm while the command
+    runs (the run itself gets progress=False), and puts both back when it ends, on error too."""
+    import io
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    import safetyheads.pipeline as pipeline
+
+    seen = {}
+
+    def fake_execute(self, stages):
+        sink = io.StringIO()
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...", file=sink):
+            pass
+        seen.update(bars=hf_logging.is_progress_bar_enabled(), gguf=sink.getvalue(), progress=self.progress)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(pipeline.Run, "execute", fake_execute)
+    original = gguf_utils.tqdm
+    hf_logging.enable_progress_bar()
+    try:
+        r = CliRunner().invoke(app, ["ships", "--out", str(tmp_path / "q"), "--quiet"])
+        assert r.exit_code == 1 and "stopped by the test" in r.output, r.output
+        assert seen == {"bars": False, "gguf": "", "progress": False}
+        assert hf_logging.is_progress_bar_enabled() and gguf_utils.tqdm is original
+        r = CliRunner().invoke(app, ["ships", "--out", str(tmp_path / "loud")])
+        assert r.exit_code == 1
+        assert seen["bars"] is True and "3/3" in seen["gguf"] and seen["progress"] is True
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_help_everywhere():
     runner = CliRunner()
     for cmd in ([], ["run"], ["ships"], ["sahara"], ["evaluate"], ["surgery"], ["compare"], ["report"]):
@@ -111,17 +158,23 @@ def _results(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One uninterrupted tiny run, shared by the tests below (each run costs minutes on CPU)."""
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    r = cli("run", *SMALL, "--out", str(out))
+    """One uninterrupted tiny run, shared by the tests below (each run costs minutes on CPU).
+
+    It gets its own empty model cache, so it always takes the cold path (assemble, verify, dequantize,
+    cache) whatever ran before it, a developer's warm SAFETYHEADS_TEST_CACHE included.
+    """
+    root = tmp_path_factory.mktemp("pipeline")
+    out, cache = root / "run", root / "cold-cache"
+    assert not cache.exists()
+    r = cli("run", *SMALL, "--out", str(out), cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r
+    return out, r, cache
 
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tiny_run):
     """`safetyheads run` on SmolLM2 writes every artifact and a report that names the heads."""
-    out, r = tiny_run
+    out, r, cache = tiny_run
     for name in ("config.json", "prompts.json", "ships.json", "ships.safetensors", "ships_estimate.json",
                  "sahara.json", "evaluation.json", "report.html", "run.log"):
         assert (out / name).exists(), name
@@ -129,22 +182,29 @@ def test_tiny_run_end_to_end(tiny_run):
     names = [c["name"] for c in ev["conditions"]]
     assert "baseline" in names and "sahara-top2" in names and any(n.startswith("random") for n in names)
     heads = json.loads((out / "sahara.json").read_text())["heads"]
+    assert len(heads) == 2
     html = (out / "report.html").read_text()
-    assert f"L{heads[0][0]}" in html or str(heads[0]) in html
+    # the chosen heads by their labels, in the order chosen (not any "L1…" text)
+    assert " → ".join(f"<b>L{layer}H{head}</b>" for layer, head in heads) in html, heads
     assert "ASR" in r.stdout
-    assert "it/s" not in r.stderr and "Loading weights" not in r.stderr, r.stderr[-2000:]  # --quiet: no bars
-    assert "INFO" not in r.stderr
-    log = (out / "run.log").read_text()  # … but the log file has every stage
+    log = (out / "run.log").read_text()  # … the log file has every stage
     assert all(f"stage {s} done" in log for s in ("prompts", "ships", "sahara", "evaluate", "report")), log[-2000:]
+    # this was the cold path: the cache folder did not exist before this run, which built the model's cache …
+    built = [p.name for p in (cache / "models").iterdir() if p.is_dir()]
+    assert built == ["smollm2-135m-instruct-b179c9523d0e"], built
+    # … and --quiet kept the terminal free of every bar on it, the GGUF dequantizer's included
+    assert_no_progress_bars(r.stderr)
+    assert "INFO" not in r.stderr
     # a second run of the same command does no work and changes nothing
     before = _results(out)
     t0 = time.perf_counter()
-    r2 = cli("run", *SMALL, "--out", str(out))
+    r2 = cli("run", *SMALL, "--out", str(out), cache=cache)
     assert r2.returncode == 0
     assert _results(out) == before
     assert time.perf_counter() - t0 < 120
+    assert_no_progress_bars(r2.stderr)
     # a different config in the same folder is refused
-    r3 = cli("run", *SMALL[:-1], "--steps", "3", "--out", str(out), "--quiet")
+    r3 = cli("run", *SMALL[:-1], "--steps", "3", "--out", str(out), "--quiet", cache=cache)
     assert r3.returncode != 0 and "different configuration" in r3.stderr
 
 
