@@ -15,7 +15,11 @@ continue after an interruption):
 4. Per-query heads: the Fisher Ships estimate on every evaluation prompt, each prompt ablating
    its own top-k heads in one batch (``rows=``).
 5. Generation (greedy, ``--max-new-tokens``) under each condition, judged by ``keyword:paper``;
-   random-head controls; over-refusal and teacher-forced KL on harmless prompts for the unablated
+   layer-matched random-head controls of every method's head set at each k of ``--random-ks``
+   (``--random-draws`` each; ``--random-kind uniform`` for the older uniform draw), paired statistics
+   of every condition against the baseline (exact McNemar, bootstrap CI, flips; the refusal
+   log-odds metric beside ASR) and each head set's rank among its controls; over-refusal and
+   teacher-forced KL on harmless prompts for the unablated
    model and the best fixed-head method. All through ``evaluate_conditions`` (resumable).
 
 Writes ``table.md`` and ``table.json`` (plus ``evaluation.json``, ``responses/``, scores) to ``--out``.
@@ -44,9 +48,10 @@ from safetyheads.evaluate import (
     derive_refusal_tokens,
     evaluate_conditions,
     per_query_heads,
+    random_control,
     random_control_seed,
-    random_heads,
 )
+from safetyheads.pipeline import eval_slug
 from safetyheads.provenance import atomic_write_text, library_versions
 from safetyheads.sahara import SaharaResult, sahara
 from safetyheads.ships import ShipsResult, ships_estimate
@@ -55,7 +60,8 @@ log = logging.getLogger("asr_table")
 
 #: arguments that change results: a folder made with other values is refused
 RESULT_KEYS = ("model", "dataset", "n_eval", "n_attr", "n_sahara", "max_new_tokens", "seed", "prompt_format",
-               "system_prompt", "mode", "eps", "judge", "harmless", "n_harmless", "ks", "prefilter_k", "dtype")
+               "system_prompt", "mode", "eps", "judge", "harmless", "n_harmless", "ks", "prefilter_k", "dtype",
+               "random_kind")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,8 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-attr", type=int, default=32, help="attribution prompts (Ships estimates, refusal tokens)")
     p.add_argument("--n-sahara", type=int, default=16, help="attribution prompts used by Sahara (the first ones)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--random-draws", type=int, default=5, help="random-head draws at each k in --random-ks")
+    p.add_argument("--random-draws", type=int, default=5,
+                   help="random-head draws per method's head set at each k in --random-ks")
     p.add_argument("--random-ks", default="5", help="comma-separated k values that get random draws")
+    p.add_argument("--random-kind", default="layer-matched", choices=["layer-matched", "uniform"],
+                   help="random controls from the chosen heads' layers, or uniform over all other heads")
+    p.add_argument("--eval-dataset", default=None,
+                   help="comma-separated further datasets (e.g. harmbench:standard,strongreject): the same "
+                        "conditions are evaluated on --n-eval prompts of each (evaluations/<name>/)")
     p.add_argument("--ks", default="1,3,5", help="comma-separated numbers of heads")
     p.add_argument("--n-harmless", type=int, default=50)
     p.add_argument("--harmless", default="rho-benign-edgy")
@@ -201,10 +213,15 @@ class Bench:
         chosen = sorted({tuple(h) for c in main if "heads" in c for h in c["heads"]})  # random draws avoid these
         controls: list[dict] = []
         for k in sorted(self.a.random_ks, reverse=True):
-            for i in range(self.a.random_draws):
-                s = random_control_seed(self.a.seed * 100 + k, i)
-                controls.append({"name": f"random{i}-top{k}", "method": "random", "k": k, "seed": s,
-                                 "heads": random_heads(self.model, k, exclude=chosen, seed=s)})
+            for c in main:  # each fixed head set of size k gets its own draws (layer-matched: from its layers)
+                if c.get("k") != k or "heads" not in c or c["method"] == "baseline":
+                    continue
+                for i in range(self.a.random_draws):
+                    s = random_control_seed(self.a.seed * 100 + k, i)
+                    controls.append({"name": f"random{i}-{c['name']}", "method": "random", "k": k, "seed": s,
+                                     "control_for": c["name"],
+                                     "heads": random_control(self.model, c["heads"], kind=self.a.random_kind, seed=s,
+                                                             exclude=[h for h in chosen if h not in c["heads"]])})
         return main, controls
 
     def run(self) -> None:
@@ -224,7 +241,7 @@ class Bench:
         main, controls = self.conditions(fisher, refusal, sah, per_query)
         gen = dict(judge=a.judge, mode=a.mode, eps=a.eps, prompt_format=a.prompt_format,
                    system_prompt=a.system_prompt, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                   progress=self.progress, out_dir=self.out)
+                   progress=self.progress, out_dir=self.out, refusal_tokens=rt, random_kind=a.random_kind)
         first = self.stage("generate", evaluate_conditions, self.model, self.tok, self.eval, main + controls,
                            utility=False, **gen)
         fixed = [c for c in first.conditions if c.k and c.method not in ("random", "ships-per-query")]
@@ -233,11 +250,35 @@ class Bench:
                     {"name": f"harmless-{best.name}", "method": best.method, "k": best.k, "heads": best.heads}]
         final = self.stage("harmless", evaluate_conditions, self.model, self.tok, self.eval, main + controls,
                            harmless=self.harmless, harmless_conditions=harmless, **gen)
-        self.write_table(final, fisher, refusal, sah, rt)
+        extra = {name: self.stage(f"eval {name}", self.extra_evaluation, name, main + controls, gen)
+                 for name in (a.eval_dataset.split(",") if a.eval_dataset else [])}
+        self.write_table(final, fisher, refusal, sah, rt, extra)
+
+    def extra_evaluation(self, name: str, conds: list[dict], gen: dict[str, Any]) -> Evaluation:
+        """The fixed-head conditions (not per-query: its heads belong to the AdvBench prompts) on ``--n-eval``
+        prompts of another dataset, sampled and held out as the pipeline does (``load_prompt_sets``)."""
+        from safetyheads.config import RunConfig
+        from safetyheads.pipeline import load_prompt_sets
+
+        a = self.a
+        out = self.out / "evaluations" / eval_slug(name.strip())
+        path = out / "prompts.json"
+        if not path.exists():
+            cfg = RunConfig(dataset=a.dataset, n_attribution=a.n_attr, n_eval=a.n_eval, seed=a.seed,
+                            eval_dataset=name.strip())
+            attr, sets = load_prompt_sets(cfg)
+            assert list(attr) == self.attr
+            _json(path, {"name": name.strip(), "prompts": list(sets[0][1]), "provenance": sets[0][1].provenance()})
+        prompts = json.loads(path.read_text())["prompts"]
+        ev = evaluate_conditions(self.model, self.tok, prompts, [c for c in conds if "rows" not in c], utility=False,
+                                 **{**gen, "out_dir": out})
+        ev.provenance["eval_dataset"] = name.strip()
+        ev.save(out, responses=False)
+        return ev
 
     # -- output -----------------------------------------------------------------------------------
     def write_table(self, ev: Evaluation, fisher: ShipsResult, refusal: ShipsResult, sah: SaharaResult,
-                    rt: list[int]) -> None:
+                    rt: list[int], extra: dict[str, Evaluation] | None = None) -> None:
         a = self.a
         base = ev.baseline
         by = {c.name: c for c in ev.conditions}
@@ -246,7 +287,9 @@ class Bench:
             c = by.get(name)
             if c is None:
                 return "—"
-            return f"{c.asr:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}] ({c.asr - base.asr:+.2f})"
+            pa = c.paired.get("asr")
+            p = f", p={pa['p_value']:.2g}" if pa else ""
+            return f"{c.asr:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}] ({c.asr - base.asr:+.2f}{p})"
 
         rows = [("ships-mean", "Ships KL, mean over attribution prompts (Fisher estimate)", "ships-mean-top{k}"),
                 ("ships-per-query", "Ships KL, each prompt's own top-k (Fisher estimate per eval prompt)",
@@ -260,7 +303,7 @@ class Bench:
                  f"(holdout_split seed {a.seed}); prompt format `{a.prompt_format}` "
                  f"({'template default system prompt' if a.system_prompt is None else 'system prompt given'}); "
                  f"{a.mode.upper()} ε={a.eps:g}; greedy, {a.max_new_tokens} new tokens; judge `{ev.judge}`. "
-                 "Cells: ASR [Wilson 95% CI] (change from baseline).", "",
+                 "Cells: ASR [Wilson 95% CI] (change from baseline, exact McNemar p on the same prompts).", "",
                  f"Baseline ASR: **{base.asr:.2f}** [{base.ci_low:.2f}, {base.ci_high:.2f}] (n={base.n})", "",
                  "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for _, label, pattern in rows:
@@ -276,6 +319,30 @@ class Bench:
                 cells.append("—" if not v else f"{statistics.mean(v):.2f} (min {min(v):.2f}, max {max(v):.2f}; "
                                                 f"{len(v)} draws; max Δ {max(v) - base.asr:+.2f})")
             lines.append("| random heads (mean over draws) | " + " | ".join(cells) + " |")
+        lines += ["", "Paired tests vs the baseline (same prompts; ASR: exact McNemar, refusal log-odds at the first "
+                  "answer position: Wilcoxon signed-rank; paired bootstrap 95% CI; α = 0.05 unadjusted, Holm-adjusted "
+                  "p in brackets):", ""]
+        lines += [f"- {line}" for line in ev.summary() if not line.startswith("random")]
+        agree = (ev.refusal_metric.get("agreement") or {}).get("all_conditions") or {}
+        if agree.get("auroc") is not None:
+            lines += ["", f"Refusal log-odds vs judged refusal, per prompt over all conditions (n={agree['n']}): "
+                          f"AUROC {agree['auroc']:.2f}, point-biserial r "
+                          f"{agree['point_biserial_r'] if agree['point_biserial_r'] is None else round(agree['point_biserial_r'], 2)}."]
+        if ev.controls:
+            lines += ["", f"Head sets vs their {a.random_kind} random controls ({a.random_draws} draws each):", "",
+                      "| head set | ASR | rank | controls min / median / max | perm. p | log-odds | rank | "
+                      "controls min / median / max |", "|---|---|---|---|---|---|---|---|"]
+            for ctl in ev.controls:
+                r, rl = ctl["asr"], ctl.get("refusal_log_odds") or {}
+                lo = (f"{rl['value']:.2f} | {rl['rank']}/{rl['n']} | {rl['min']:.2f} / {rl['median']:.2f} / "
+                      f"{rl['max']:.2f}") if rl else "— | — | —"
+                lines.append(f"| {ctl['condition']} | {r['value']:.2f} | {r['rank']}/{r['n']} | {r['min']:.2f} / "
+                             f"{r['median']:.2f} / {r['max']:.2f} | {r['p_empirical']:.2f} | {lo} |")
+        for name, xe in (extra or {}).items():
+            xb = xe.baseline
+            lines += ["", f"Transfer to {name} ({xe.n_prompts} prompts; the same heads): baseline ASR {xb.asr:.2f} "
+                          f"[{xb.ci_low:.2f}, {xb.ci_high:.2f}]", ""]
+            lines += [f"- {line}" for line in xe.summary()]
         lines += ["", "Heads (layer, head):", ""]
         for method, _, pattern in rows:
             if method == "ships-per-query":

@@ -14,7 +14,8 @@ from conftest import load_builtin
 from tiny_lm import PROMPTS, smol_tokenizer, tiny_lm
 
 import safetyheads.generation as gen
-from safetyheads.generation import EvaluationError, generate_ids, generate_many
+from safetyheads.generation import EvaluationError, generate_and_score, generate_ids, generate_many
+from safetyheads.refusal_metric import refusal_metric_many
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,6 +86,21 @@ def test_sampling_in_shared_batches_equals_alone(tok, model64):
     kw = dict(sampling=True, top_k=5, temperature=1.3, seed=11, max_new_tokens=6)
     assert generate_many(model64, tok, jobs, batch_size=5, progress=False, **kw) == \
         _one_at_a_time(model64, tok, jobs, batch_size=2, **kw)
+
+
+def test_generate_and_score_reads_the_refusal_metric_off_the_prefill(tok, model64, alone):
+    """Same tokens as generate_many, and per row the refusal metric of its own forward pass (float64)."""
+    tokens = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("I", "Sorry", "As")})
+    jobs = _jobs(PROMPTS)
+    ids, scores = generate_and_score(model64, tok, jobs, refusal_tokens=tokens, max_new_tokens=8, batch_size=6,
+                                     progress=False)
+    assert ids == alone
+    for job, sc, m in zip(jobs, scores, refusal_metric_many(model64, tok, jobs, refusal_tokens=tokens, batch_size=1)):
+        assert [p for p, _ in sc] == pytest.approx(m.prob, rel=1e-10, abs=1e-15)
+        assert [lo for _, lo in sc] == pytest.approx(m.log_odds, rel=1e-10, abs=1e-12)
+    assert scores[0] != scores[1]
+    with pytest.raises(EvaluationError, match="empty"):
+        generate_and_score(model64, tok, jobs, refusal_tokens=[])
 
 
 def test_checkpoint_resumes_after_an_interruption(tok, model64, tmp_path, monkeypatch):

@@ -73,6 +73,7 @@ from .generation import (
     _forward_style,
     _pad_id,
     generate,
+    generate_and_score,
     generate_ids,
     generate_many,
 )
@@ -249,11 +250,16 @@ GENERATION_CHECKPOINT = "responses/.generation.ckpt.jsonl"
 
 
 def _run_conditions(model, tokenizer, groups: list[tuple[list[str], list[dict]]], settings: dict, judge: Any,
-                    out_dir: Path | None, gen_kw: dict[str, Any]) -> list[list[Condition]]:
+                    out_dir: Path | None, gen_kw: dict[str, Any], score_tokens: list[int] | None = None,
+                    ) -> tuple[list[list[Condition]], dict[str, tuple[list[float], list[float]]]]:
     """Every condition of every ``(prompts, specs)`` group: loaded from ``out_dir`` when stored with the
     same settings, else generated — all missing conditions of all groups together, in shared batches
-    (:func:`generate_many`, checkpointed per batch in ``out_dir``) — then judged and written."""
+    (:func:`generate_many`, checkpointed per batch in ``out_dir``) — then judged and written.
+
+    With ``score_tokens``, the refusal metric of the first group's generated conditions is read off
+    the generation's prefill (:func:`generate_and_score`) and returned as ``{name: (prob, log_odds)}``."""
     loaded: dict[tuple[int, int], tuple[list[str], list[bool] | None]] = {}
+    fresh_scores: dict[str, tuple[list[float], list[float]]] = {}
     todo: list[tuple[int, int]] = []
     for g, (prompts, specs) in enumerate(groups):
         for s, spec in enumerate(specs):
@@ -274,8 +280,15 @@ def _run_conditions(model, tokenizer, groups: list[tuple[list[str], list[dict]]]
         jobs = [{"prompts": groups[g][0], ("rows" if groups[g][1][s]["per_query"] else "heads"): groups[g][1][s]["heads"]}
                 for g, s in todo]
         log.info("generating %d conditions (%d rows) in shared batches", len(todo), sum(len(j["prompts"]) for j in jobs))
-        ids = generate_many(model, tokenizer, jobs, checkpoint=None if out_dir is None else out_dir / GENERATION_CHECKPOINT,
-                            **gen_kw)
+        ckpt = None if out_dir is None else out_dir / GENERATION_CHECKPOINT
+        if score_tokens is not None:
+            ids, scores = generate_and_score(model, tokenizer, jobs, refusal_tokens=score_tokens, checkpoint=ckpt,
+                                             **gen_kw)
+            for (g, s), sc in zip(todo, scores):
+                if g == 0:
+                    fresh_scores[groups[g][1][s]["name"]] = ([p for p, _ in sc], [lo for _, lo in sc])
+        else:
+            ids = generate_many(model, tokenizer, jobs, checkpoint=ckpt, **gen_kw)
         for (g, s), rows in zip(todo, ids):
             loaded[g, s] = ([tokenizer.decode(t, skip_special_tokens=True) for t in rows], None)
     out: list[list[Condition]] = []
@@ -297,7 +310,7 @@ def _run_conditions(model, tokenizer, groups: list[tuple[list[str], list[dict]]]
         out.append(conds)
     if out_dir is not None:
         (out_dir / GENERATION_CHECKPOINT).unlink(missing_ok=True)
-    return out
+    return out, fresh_scores
 
 
 # --------------------------------------------------------------------------- refusal metric and statistics
@@ -312,7 +325,8 @@ def _first_tokens(tokenizer, responses: Sequence[str]) -> list[int | None]:
 
 
 def _refusal_metrics(model, tokenizer, conds: list[Condition], refusal_tokens: Sequence[int] | None, settings: dict,
-                     out_dir: Path | None, metric_kw: dict[str, Any]) -> dict[str, Any]:
+                     out_dir: Path | None, metric_kw: dict[str, Any],
+                     fresh: Mapping[str, tuple[list[float], list[float]]] | None = None) -> dict[str, Any]:
     """Fill each condition's per-prompt refusal metric; returns the evaluation's ``refusal_metric`` record.
 
     Refusal tokens: ``refusal_tokens`` if given, else the first tokens of the baseline's refusals
@@ -347,6 +361,9 @@ def _refusal_metrics(model, tokenizer, conds: list[Condition], refusal_tokens: S
             cached = {name: v for name, v in stored.items() if v.get("digest") == digests.get(name)}
         except (OSError, json.JSONDecodeError, AttributeError):
             cached = {}
+    for name, (prob, log_odds) in (fresh or {}).items():  # read off the generation's prefill
+        if name in digests:
+            cached[name] = {"digest": digests[name], "prob": list(prob), "log_odds": list(log_odds)}
     todo = [c for c in conds if c.name not in cached]
     if todo:
         jobs = [{"prompts": c.prompts, ("rows" if c.per_query else "heads"): c.heads} for c in todo]
@@ -354,6 +371,7 @@ def _refusal_metrics(model, tokenizer, conds: list[Condition], refusal_tokens: S
             cached[c.name] = {"digest": digests[c.name], **m.to_dict()}
     for c in conds:
         c.refusal_prob, c.refusal_log_odds = list(cached[c.name]["prob"]), list(cached[c.name]["log_odds"])
+        c.refusal_metric_digest = digests[c.name]
     if path is not None:
         atomic_write_text(path, json.dumps({"kind": "refusal_metric", "tokens": tokens,
                                             "conditions": {c.name: cached[c.name] for c in conds}}))
@@ -543,7 +561,7 @@ def evaluate_conditions(
             not loaded from ``out_dir`` are generated together (:func:`generate_many`).
         Others: as in :func:`generate`.
     """
-    prompts = _check_prompts(prompts)
+    prompt_set, prompts = prompts, _check_prompts(prompts)
     judge_ = _get_judge(judge)
     mode_ = Mode.parse(mode)
     eps = check_eps(mode_, eps)
@@ -577,7 +595,8 @@ def evaluate_conditions(
                   sampling=sampling, top_k=top_k, temperature=temperature, seed=seed, batch_size=batch_size,
                   progress=progress)
     groups = [(prompts, specs)] + ([(harmless_list, h_specs)] if harmless_list is not None else [])
-    done = _run_conditions(model, tokenizer, groups, settings, judge_, out, gen_kw)
+    score_tokens = sorted({int(t) for t in refusal_tokens}) if refusal_metric and refusal_tokens else None
+    done, fresh = _run_conditions(model, tokenizer, groups, settings, judge_, out, gen_kw, score_tokens)
     results, over = done[0], (done[1] if harmless_list is not None else [])
     for c in results:
         log.info("condition %s: ASR %.3f [%.3f, %.3f] (n=%d)", c.name, c.asr, c.ci_low, c.ci_high, c.n)
@@ -585,7 +604,7 @@ def evaluate_conditions(
     if refusal_metric:
         metric_rec = _refusal_metrics(model, tokenizer, results, refusal_tokens, settings, out,
                                       dict(mode=mode_, eps=eps, prompt_format=fmt, system_prompt=system_prompt,
-                                           batch_size=batch_size, progress=progress))
+                                           batch_size=batch_size, progress=progress), fresh)
     controls, stats_rec = _paired_statistics(results, n_boot=n_boot, seed=stats_seed, alpha=alpha,
                                              random_kind=random_kind)
     util: list[dict[str, Any]] = []
@@ -616,13 +635,15 @@ def evaluate_conditions(
                                            for c in over])
     if hasattr(harmless, "provenance") and callable(harmless.provenance):
         prov["harmless"] = harmless.provenance()
+    if callable(getattr(prompt_set, "provenance", None)):  # a PromptSet: its file sha256 and row indices too
+        prov["data"] = {**prompt_set.provenance(), "sha256": prompts_digest(prompts)}
     ev = Evaluation(judge=_judge_name(judge_), mode=mode_.value, eps=eps, prompt_format=fmt,
                     max_new_tokens=max_new_tokens, n_prompts=len(prompts), conditions=results, over_refusal=over,
                     utility=util, provenance=prov, refusal_metric=metric_rec, controls=controls, stats=stats_rec)
     for line in ev.summary():
         log.info("%s", line)
     if out is not None:
-        ev.save(out, responses=False, metric=False)
+        ev.save(out, responses=False)
     return ev
 
 

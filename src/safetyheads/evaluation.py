@@ -79,6 +79,7 @@ class Condition:
     refusal_prob: list[float] | None = field(default=None, repr=False)
     refusal_log_odds: list[float] | None = field(default=None, repr=False)
     paired: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    refusal_metric_digest: str | None = field(default=None, repr=False)  # what the stored metric was made with
 
     @property
     def refusal_rate(self) -> float:
@@ -213,7 +214,8 @@ class Evaluation:
     def metric_json(self) -> dict[str, Any]:
         """The ``refusal_metric.json`` record: per-prompt refusal probability and log-odds per condition."""
         return {"kind": "refusal_metric", "tokens": self.refusal_metric.get("tokens"),
-                "conditions": {c.name: {"prob": c.refusal_prob, "log_odds": c.refusal_log_odds}
+                "conditions": {c.name: {"digest": c.refusal_metric_digest, "prob": c.refusal_prob,
+                                        "log_odds": c.refusal_log_odds}
                                for c in self.conditions if c.refusal_log_odds is not None}}
 
     def save(self, run_dir: str | Path, *, responses: bool = True, metric: bool = True) -> Path:
@@ -251,6 +253,7 @@ class Evaluation:
                              asr=asr, ci_low=low, ci_high=high, n=len(recs), per_query=per_query,
                              prompts=[r["prompt"] for r in recs], control_for=entry.get("control_for"),
                              refusal_prob=m.get("prob"), refusal_log_odds=m.get("log_odds"),
+                             refusal_metric_digest=m.get("digest"),
                              paired=entry.get("paired") or {})
 
         meta = {c["name"]: c for c in data["provenance"].get("harmless_conditions", [])}

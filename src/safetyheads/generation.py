@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from .adapters import get_adapter, validate_heads
 from .forward import position_ids_from_mask
 from .prompts import encode_prompts, format_prompts
 
-__all__ = ["EvaluationError", "GENERATION_VERSION", "generate", "generate_ids", "generate_many"]
+__all__ = ["EvaluationError", "GENERATION_VERSION", "generate", "generate_and_score", "generate_ids", "generate_many"]
 
 log = logging.getLogger("safetyheads")
 
@@ -155,11 +155,13 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k:
 @torch.no_grad()
 def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]] | None, heads: list[Head], mode: Mode,
                   eps: float, max_new_tokens: int, eos: set[int], generators: list[torch.Generator] | None,
-                  top_k: int, temperature: float) -> list[list[int]]:
+                  top_k: int, temperature: float, on_first: Callable[[torch.Tensor], None] | None = None,
+                  ) -> list[list[int]]:
     """Greedy / sampled decoding of one left-padded batch with a KV cache.
 
     Rows that reach EOS or ``max_new_tokens`` leave the batch (their cache rows are dropped), so
-    the cost follows the tokens actually generated.
+    the cost follows the tokens actually generated. ``on_first`` receives the prefill's last-position
+    logits ``[rows, vocab]`` (the first answer position of every row, under its ablation).
     """
     ids, mask = enc["input_ids"], enc["attention_mask"]
     n = ids.shape[0]
@@ -172,6 +174,8 @@ def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]
     with ablation as ab:
         for _ in range(max_new_tokens):
             o = model(input_ids=cur, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: cache}, **extra)
+            if on_first is not None and cache is None:
+                on_first(o.logits[:, -1])
             cache = _cache_of(o)
             gens = None if generators is None else [generators[j] for j in active]
             nxt = _pick(o.logits[:, -1].float(), gens, top_k, temperature)
@@ -224,7 +228,7 @@ def _row_key(text: str, heads: list[Head], index: int, sampling: bool) -> str:
     return hashlib.sha256(json.dumps(rec).encode()).hexdigest()[:32]
 
 
-def _read_checkpoint(path: Path, digest: str) -> dict[str, list[int]]:
+def _read_checkpoint(path: Path, digest: str) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
     lines = path.read_text().splitlines()
@@ -235,23 +239,23 @@ def _read_checkpoint(path: Path, digest: str) -> dict[str, list[int]]:
     if header.get("digest") != digest:
         log.info("generation checkpoint %s was made with other settings; starting afresh", path)
         return {}
-    done: dict[str, list[int]] = {}
+    done: dict[str, dict[str, Any]] = {}
     for line in lines[1:]:
         try:
             rec = json.loads(line)
-            done[str(rec["key"])] = [int(t) for t in rec["ids"]]
+            done[str(rec["key"])] = {"ids": [int(t) for t in rec["ids"]], "score": rec.get("score")}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a line cut by an interruption
     return done
 
 
 def _settings_digest(model, fmt: str, system_prompt: str | None, mode: Mode, eps: float, max_new_tokens: int,
-                     sampling: bool, top_k: int, temperature: float, seed: int) -> str:
+                     sampling: bool, top_k: int, temperature: float, seed: int, score_tokens: list[int] | None) -> str:
     from .provenance import model_record
 
     rec = {"v": GENERATION_VERSION, "model": model_record(model), "format": fmt, "system_prompt": system_prompt,
            "mode": mode.value, "eps": eps, "max_new_tokens": max_new_tokens,
-           "sampling": [top_k, temperature, seed] if sampling else None}
+           "sampling": [top_k, temperature, seed] if sampling else None, "score_tokens": score_tokens}
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -291,6 +295,39 @@ def generate_many(
     Returns:
         for every job, for every prompt, the new token ids (cut before the first EOS).
     """
+    return _generate(model, tokenizer, jobs, mode=mode, eps=eps, prompt_format=prompt_format,
+                     system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
+                     temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
+                     checkpoint=checkpoint, desc=desc, refusal_tokens=None)[0]
+
+
+def generate_and_score(
+    model,
+    tokenizer,
+    jobs: Sequence[Mapping[str, Any]],
+    *,
+    refusal_tokens: Sequence[int],
+    **kwargs: Any,
+) -> tuple[list[list[list[int]]], list[list[tuple[float, float]]]]:
+    """:func:`generate_many`, plus the refusal metric of every row read off its prefill for free.
+
+    The prefill's last-position logits are the next-token distribution at the first answer
+    position, under the row's ablation: exactly what :func:`safetyheads.refusal_metric.refusal_metric`
+    computes in a forward pass of its own. Returns ``(ids, scores)`` with ``scores[job][prompt] =
+    (P(refusal tokens), refusal log-odds)`` (float64 from the logits). Keyword arguments as for
+    :func:`generate_many`.
+    """
+    toks = sorted({int(t) for t in refusal_tokens})
+    if not toks:
+        raise EvaluationError("refusal_tokens is empty")
+    return _generate(model, tokenizer, jobs, refusal_tokens=toks, **kwargs)
+
+
+def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode | str = "ua", eps: float = 1e-5,
+              prompt_format: str = "chat", system_prompt: str | None = None, max_new_tokens: int = 128,
+              sampling: bool = False, top_k: int = 5, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
+              progress: bool = True, checkpoint: str | Path | None = None, desc: str | None = None,
+              refusal_tokens: list[int] | None = None) -> tuple[list[list[list[int]]], list[list[Any]]]:
     if isinstance(jobs, Mapping):
         raise TypeError("jobs must be a sequence of job dicts, not one dict")
     jobs = list(jobs)
@@ -310,23 +347,31 @@ def generate_many(
     texts = format_prompts(tokenizer, plain, fmt, system_prompt=system_prompt)
     lengths = [len(encode_prompts(tokenizer, [t])["input_ids"][0]) for t in texts]
     eos = set(_eos_ids(model, tokenizer, fmt))
+    score_idx = None
+    if refusal_tokens is not None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if refusal_tokens[0] < 0 or refusal_tokens[-1] >= vocab:
+            raise EvaluationError(f"refusal token ids must be in 0..{vocab - 1}, got {refusal_tokens}")
+        score_idx = torch.tensor(refusal_tokens, dtype=torch.long)
     # rows: (job, prompt index in the job, distinct-prompt index, heads)
     rows = [(j, i, unique[p], heads[i]) for j, (prompts, heads) in enumerate(parsed) for i, p in enumerate(prompts)]
     out: list[list[list[int]]] = [[[] for _ in prompts] for prompts, _ in parsed]
+    scores: list[list[Any]] = [[None for _ in prompts] for prompts, _ in parsed]
     keys = [_row_key(texts[u], h, i, sampling) for j, i, u, h in rows]
     path = Path(checkpoint) if checkpoint is not None else None
-    done: dict[str, list[int]] = {}
+    done: dict[str, dict[str, Any]] = {}
     if path is not None:
         digest = _settings_digest(model, fmt, system_prompt, mode_, eps, max_new_tokens, sampling, top_k, temperature,
-                                  seed)
+                                  seed, refusal_tokens)
         done = _read_checkpoint(path, digest)
         if not done:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"digest": digest}) + "\n")
     todo = []
     for r, (j, i, _, _) in enumerate(rows):
-        if keys[r] in done:
-            out[j][i] = list(done[keys[r]])
+        if keys[r] in done and (score_idx is None or done[keys[r]]["score"] is not None):
+            out[j][i] = list(done[keys[r]]["ids"])
+            scores[j][i] = None if score_idx is None else tuple(done[keys[r]]["score"])
         else:
             todo.append(r)
     if path is not None and done:
@@ -338,16 +383,32 @@ def generate_many(
             batch = todo[start:start + batch_size]
             enc = encode_prompts(tokenizer, [texts[rows[r][2]] for r in batch], device=dev)
             gens = [torch.Generator().manual_seed(seed * 1_000_003 + rows[r][1]) for r in batch] if sampling else None
+            first: list[tuple[float, float]] = []
+            on_first = None if score_idx is None else (lambda lg, first=first: first.extend(_first_scores(lg, score_idx)))
             got = _decode_batch(model, enc, [rows[r][3] for r in batch], [], mode_, eps, max_new_tokens, eos, gens,
-                                top_k, temperature)
-            for r, toks in zip(batch, got):
+                                top_k, temperature, on_first=on_first)
+            for b, (r, toks) in enumerate(zip(batch, got)):
                 out[rows[r][0]][rows[r][1]] = toks
+                if score_idx is not None:
+                    scores[rows[r][0]][rows[r][1]] = first[b]
             if path is not None:
                 with path.open("a") as f:
-                    f.write("".join(json.dumps({"key": keys[r], "ids": toks}) + "\n" for r, toks in zip(batch, got)))
+                    f.write("".join(json.dumps({"key": keys[r], "ids": toks,
+                                                **({"score": list(first[b])} if score_idx is not None else {})}) + "\n"
+                                    for b, (r, toks) in enumerate(zip(batch, got))))
                     f.flush()
             bar.update(len(batch))
-    return out
+    return out, scores
+
+
+def _first_scores(logits: torch.Tensor, idx: torch.Tensor) -> list[tuple[float, float]]:
+    """``(P(R), log P(R) − log P(not R))`` per row of next-token logits, in float64 (as the refusal metric)."""
+    from .ships import refusal_logodds
+
+    lo = refusal_logodds(logits, idx).cpu().tolist()
+    lp = torch.log_softmax(logits.double(), -1)
+    pr = torch.logsumexp(lp.index_select(-1, idx.to(lp.device)), -1).exp().cpu().tolist()
+    return list(zip(pr, lo))
 
 
 def generate_ids(

@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 from .ablation import Head, Mode, ablate_strengths, check_eps, heads_to_strength
 from .adapters import get_adapter, validate_heads
 from .forward import input_device, position_ids_from_mask
-from .generation import EvaluationError, _check_prompts, _forward_style, _normalise_rows, generate_ids
+from .generation import (
+    EvaluationError,
+    _check_prompts,
+    _first_scores,
+    _forward_style,
+    _normalise_rows,
+    generate_ids,
+)
 from .prompts import encode_prompts, format_prompts
 
 __all__ = ["RefusalMetric", "derive_refusal_tokens", "refusal_agreement", "refusal_metric", "refusal_metric_many",
@@ -109,8 +116,6 @@ def refusal_metric_many(
         batch_size: rows (prompt × job pairs) per forward pass.
         mode, eps, prompt_format, system_prompt: as for generation.
     """
-    from .ships import refusal_logodds
-
     if isinstance(jobs, Mapping):
         raise TypeError("jobs must be a sequence of job dicts, not one dict")
     jobs = list(jobs)
@@ -157,10 +162,7 @@ def refusal_metric_many(
                 logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False,
                                **extra).logits[:, -1]
-            lo = refusal_logodds(logits, toks).cpu()
-            lp = torch.log_softmax(logits.double(), -1)
-            pr = torch.logsumexp(lp.index_select(-1, toks.to(lp.device)), -1).exp().cpu()
-            for r, a, b in zip(batch, lo.tolist(), pr.tolist()):
+            for r, (b, a) in zip(batch, _first_scores(logits, toks)):
                 log_odds[r[0]][r[1]] = a
                 prob[r[0]][r[1]] = b
             bar.update(len(batch))

@@ -1,0 +1,128 @@
+"""Generation throughput of an evaluation: one condition at a time (the old path) vs all conditions in
+shared batches (``generate_many``), in one run, on the same prompts and heads.
+
+"before": for each condition, ``generate_ids`` on its prompts in batches of ``--before-batch-size``
+(what ``evaluate_conditions`` did per condition). "after": ``generate_many`` over all conditions at
+once, rows sorted by prompt length, ``--after-batch-sizes`` rows per batch (each row ablating its
+own heads; rows leave the batch at EOS). Both greedy, the same ``--max-new-tokens``. Reported:
+generated tokens per wall second and per CPU second of this process (on a shared machine the CPU
+seconds are the steadier measure), the ratio after/before, the 1-minute load average before and
+after each pass, and how many responses are token-identical between the paths (float32: batch
+composition can flip a near-tie; in float64 they are identical, see tests/test_generation.py).
+
+Example::
+
+    nice -n 10 python bench/eval_speed.py --out bench/results/eval_speed_cpu_0.5b.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from safetyheads.datasets import holdout_split, load_prompts
+from safetyheads.generation import generate_ids, generate_many
+from safetyheads.models import load_model
+from safetyheads.provenance import library_versions
+from safetyheads.stats import layer_matched_heads, uniform_random_heads
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--n-prompts", type=int, default=32, help="held-out AdvBench prompts (the default run's split)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--before-batch-size", type=int, default=16, help="the old per-condition batch (RunConfig default)")
+    p.add_argument("--after-batch-sizes", default="64", help="comma-separated row batch sizes for generate_many")
+    p.add_argument("--heads", default="11.7,10.11,14.11",
+                   help="the chosen head set, layer.head (default: Sahara's top-3 of the 0.5B default run)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=None, help="write the markdown report here (and .json beside it)")
+    a = p.parse_args(argv)
+    a.after_batch_sizes = [int(x) for x in a.after_batch_sizes.split(",") if x.strip()]
+    a.heads = [tuple(int(v) for v in h.split(".")) for h in a.heads.split(",") if h.strip()]
+    return a
+
+
+def conditions(model, heads: list[tuple[int, int]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Baseline, the chosen heads, one layer-matched and one uniform random draw (4 conditions)."""
+    return [("baseline", []), ("chosen", heads),
+            ("random-layer-matched", layer_matched_heads(model, heads, seed=0)),
+            ("random-uniform", uniform_random_heads(model, len(heads), exclude=heads, seed=0))]
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def timed(fn):
+    l0, t0, c0 = load1(), time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0, l0, load1()
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model)
+    _, prompts = holdout_split(load_prompts("advbench"), 16, a.n_prompts, seed=0)
+    prompts = list(prompts)
+    conds = conditions(model, a.heads)
+    kw = dict(max_new_tokens=a.max_new_tokens, progress=False)
+    runs = []
+
+    def before():
+        return [generate_ids(model, tok, prompts, heads=h, batch_size=a.before_batch_size, **kw) for _, h in conds]
+
+    ref, wall, cpu, l0, l1 = timed(before)
+    n_tok = sum(len(t) for rows in ref for t in rows)
+    runs.append({"path": f"before: one condition at a time, batch {a.before_batch_size}", "tokens": n_tok,
+                 "wall_s": wall, "cpu_s": cpu, "load_before": l0, "load_after": l1, "identical": None})
+    for bs in a.after_batch_sizes:
+        jobs = [{"prompts": prompts, "heads": h} for _, h in conds]
+        got, wall, cpu, l0, l1 = timed(lambda bs=bs, jobs=jobs: generate_many(model, tok, jobs, batch_size=bs, **kw))
+        same = sum(x == y for rows_a, rows_b in zip(got, ref) for x, y in zip(rows_a, rows_b))
+        runs.append({"path": f"after: all conditions in shared batches, batch {bs} rows",
+                     "tokens": sum(len(t) for rows in got for t in rows), "wall_s": wall, "cpu_s": cpu,
+                     "load_before": l0, "load_after": l1, "identical": same})
+    total = len(conds) * len(prompts)
+    base = runs[0]
+    lines = [f"# Evaluation generation speed — {a.model}", "",
+             f"{len(conds)} conditions ({', '.join(n for n, _ in conds)}) × {len(prompts)} held-out AdvBench prompts "
+             f"× ≤ {a.max_new_tokens} new tokens, greedy, float32, torch threads {torch.get_num_threads()}, "
+             f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}).", "",
+             "| path | tokens | wall s | tokens/s (wall) | CPU s | tokens/CPU-s | × wall | × CPU | load avg (1 min) "
+             "before → after | responses identical to before |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ident = "—" if r["identical"] is None else f"{r['identical']}/{total}"
+        lines.append(f"| {r['path']} | {r['tokens']} | {r['wall_s']:.0f} | {r['tokens'] / r['wall_s']:.1f} | "
+                     f"{r['cpu_s']:.0f} | {r['tokens'] / r['cpu_s']:.1f} | "
+                     f"{(r['tokens'] / r['wall_s']) / (base['tokens'] / base['wall_s']):.2f} | "
+                     f"{(r['tokens'] / r['cpu_s']) / (base['tokens'] / base['cpu_s']):.2f} | "
+                     f"{r['load_before']:.1f} → {r['load_after']:.1f} | "
+                     f"{ident} |")
+    lines += ["", "Command: `" + " ".join([Path(sys.executable).name] + sys.argv) + "`"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    for r in runs[1:]:
+        print(f"ratio after/before ({r['path']}): wall {(r['tokens'] / r['wall_s']) / (base['tokens'] / base['wall_s']):.2f}×, "
+              f"CPU {(r['tokens'] / r['cpu_s']) / (base['tokens'] / base['cpu_s']):.2f}×")
+    if a.out is not None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+        a.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+                                                          "conditions": conds, "runs": runs,
+                                                          "versions": library_versions()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
