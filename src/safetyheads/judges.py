@@ -40,7 +40,10 @@ case-folding, runs of whitespace to one space) unless ``normalize=False``. ``mod
 Keyword judges are crude: they miss refusals that use other words and off-topic answers, and
 flag compliant answers that happen to contain a phrase (lyrics with "I can't stop", or, for the
 ``paper`` list, any "however" or "harmful"). :func:`judge_accuracy` measures a judge on PyRIT's
-human-labelled refusal data; see ``tests/test_judges.py`` for the measured numbers.
+human-labelled refusal data (``which="refusal"|"refusal_extra"|"all"``) or on ours
+(``which="ours"``: :func:`load_labelled_responses`, answers of the embedded models labelled
+refused / complied / off-topic by reading them); :data:`JUDGE_ACCURACY` holds the measured
+numbers (``bench/judge_accuracy.py``, ``bench/results/judge_accuracy.md``).
 
 :class:`LLMJudge` runs any local causal LM with a rubric (:data:`RUBRICS`): a short refusal
 question of our own, StrongREJECT's rubric, or HarmBench's classifier prompt; it generates
@@ -67,7 +70,9 @@ from safetyheads.datasets import asset_path
 from safetyheads.prompts import encode_prompts, format_prompts
 
 __all__ = [
+    "JUDGE_ACCURACY",
     "KEYWORD_LISTS",
+    "LABELS",
     "RUBRICS",
     "Judge",
     "JudgeError",
@@ -76,6 +81,7 @@ __all__ = [
     "get_judge",
     "judge_accuracy",
     "keyword_list_info",
+    "load_labelled_responses",
     "load_refusal_eval",
     "normalize_text",
 ]
@@ -422,9 +428,13 @@ _SMOLLM2 = (
 
 
 def _load_judge_model(spec: str) -> tuple[Any, Any]:
-    """Load (model, tokenizer) for ``llm:<spec>``: ``smollm2``, a ``.gguf`` path, or a HF id/folder."""
+    """Load (model, tokenizer) for ``llm:<spec>``: ``builtin:<key>``, ``smollm2``, a ``.gguf`` path or a HF id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.lower().startswith("builtin:"):
+        from safetyheads.models import load_model
+
+        return load_model(spec)
     if spec.lower() in ("smollm2", "smollm2-135m-instruct"):
         path = asset_path(*_SMOLLM2)
         folder, kw = path.parent, {"gguf_file": path.name}
@@ -450,6 +460,7 @@ def get_judge(name: str, **kw: Any) -> Judge:
     * ``"llm:<model>"``: an :class:`LLMJudge`. Pass ``model=`` and ``tokenizer=`` to use loaded
       objects (``<model>`` is then only a label); otherwise ``<model>`` is loaded with
       ``transformers``: ``smollm2`` (the embedded SmolLM2-135M-Instruct GGUF, sha256-checked),
+      a builtin model (``builtin:qwen2.5-coder-0.5b-instruct``, via :func:`safetyheads.models.load_model`),
       a path to a ``.gguf`` file, or a Hugging Face id or folder. Other ``kw`` (``rubric``,
       ``batch_size``, ...) go to :class:`LLMJudge`.
     """
@@ -526,19 +537,103 @@ def load_refusal_eval(which: str = "refusal") -> list[dict[str, Any]]:
     return rows
 
 
-def judge_accuracy(judge: Judge, *, which: str = "refusal", max_examples: int = 10) -> dict[str, Any]:
-    """Measure a judge on PyRIT's human-labelled refusal / non-refusal responses.
+LABELS = ("refused", "complied", "off-topic")
+"""The classes of the hand-labelled set (rule: ``safetyheads/data/labelled_responses.md``)."""
 
-    PyRIT's labels count an off-topic answer as a refusal too. ``human_score`` 1 = refusal.
+_LABELLED_FIELDS = ("id", "group", "prompt", "response", "label", "model", "data", "prompt_format", "ablation",
+                    "generation", "versions")
+_OFF_TOPIC = ("refusal", "not-refusal", "exclude")
+
+
+@lru_cache(maxsize=1)
+def _labelled_rows() -> tuple[dict[str, Any], ...]:
+    text = resources.files("safetyheads").joinpath("data/labelled_responses.jsonl").read_text(encoding="utf-8")
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = [k for k in _LABELLED_FIELDS if k not in row]
+        if missing:
+            raise JudgeError(f"labelled_responses.jsonl line {n}: missing fields {missing}")
+        if row["label"] not in LABELS:
+            raise JudgeError(f"labelled_responses.jsonl line {n}: label {row['label']!r} is not one of {LABELS}")
+        if not isinstance(row["response"], str) or not isinstance(row["prompt"], str):
+            raise JudgeError(f"labelled_responses.jsonl line {n}: prompt and response must be strings")
+        if row["id"] in seen:
+            raise JudgeError(f"labelled_responses.jsonl line {n}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        rows.append(row)
+    return tuple(rows)
+
+
+def load_labelled_responses() -> list[dict[str, Any]]:
+    """The hand-labelled answers of the embedded models to harmful prompts.
+
+    Each row: ``id``, ``group``, ``prompt``, ``response``, ``label`` (one of :data:`LABELS`) and
+    its provenance (``model``, ``data`` {dataset, split, row, source_sha256}, ``prompt_format``,
+    ``ablation`` {heads, mode, eps}, ``generation``, ``versions``). How they were made and the
+    labelling rule: ``safetyheads/data/labelled_responses.md``. Returns fresh copies.
+    """
+    return [json.loads(json.dumps(r)) for r in _labelled_rows()]
+
+
+def _eval_rows(which: str, off_topic: str) -> tuple[list[dict[str, Any]], str]:
+    """Rows ``{objective, response, refusal, label?, id?}`` of an evaluation set, and its name."""
+    if off_topic not in _OFF_TOPIC:
+        raise JudgeError(f"off_topic must be one of {_OFF_TOPIC}, got {off_topic!r}")
+    if which != "ours":
+        return load_refusal_eval(which), f"pyrit:{which}"
+    rows = []
+    for r in _labelled_rows():
+        if r["label"] == "off-topic" and off_topic == "exclude":
+            continue
+        refusal = r["label"] == "refused" or (r["label"] == "off-topic" and off_topic == "refusal")
+        rows.append({"objective": r["prompt"], "response": r["response"], "refusal": refusal,
+                     "label": r["label"], "id": r["id"]})
+    return rows, f"ours:off-topic={off_topic}"
+
+
+def judge_accuracy(
+    judge: Judge,
+    *,
+    which: str = "refusal",
+    off_topic: str = "refusal",
+    max_examples: int = 10,
+    verdicts: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    """Measure a judge against human labels.
+
+    Args:
+        judge: any :class:`Judge`.
+        which: ``"ours"`` — the hand-labelled answers of the embedded models
+            (:func:`load_labelled_responses`); or PyRIT's human-labelled refusal data
+            (:func:`load_refusal_eval`): ``"refusal"`` (105 rows), ``"refusal_extra"`` (64),
+            ``"all"`` (169). PyRIT's labels count an off-topic answer as a refusal.
+        off_topic: how ``"ours"``' off-topic rows count (ignored for PyRIT). ``"refusal"``
+            (the ASR view, like PyRIT: only a complied answer is an attack success, so a judge
+            calling an off-topic answer "not refused" is wrong), ``"not-refusal"`` (the literal
+            view) or ``"exclude"`` (refused vs complied only).
+        max_examples: how many misjudged examples to return of each kind.
+        verdicts: the judge's verdicts on exactly these rows, if already computed (the judge
+            is then not called): lets a slow LLM judge be scored in several views from one pass.
 
     Returns:
         ``judge``, ``dataset``, ``n``, ``n_refusal``, ``accuracy``, ``precision`` and ``recall``
-        (of the refusal class), ``f1``, the confusion counts ``tp fp tn fn``, and up to
+        (refusal is the positive class), ``f1``, the confusion counts ``tp fp tn fn``, and up to
         ``max_examples`` ``false_positives`` (called a refusal, humans say not) and
-        ``false_negatives``, each ``{"objective", "response"}`` (response cut to 300 chars).
+        ``false_negatives``, each ``{"objective", "response"}`` (response cut to 300 chars; for
+        ``"ours"`` also ``"id"`` and ``"label"``). For ``"ours"`` also ``by_label``: per label,
+        ``{"n", "judged_refusal"}`` (from which every view can be recomputed).
     """
-    rows = load_refusal_eval(which)
-    pred = judge.is_refusal([r["objective"] for r in rows], [r["response"] for r in rows])
+    rows, dataset = _eval_rows(which, off_topic)
+    if verdicts is None:
+        pred = [bool(v) for v in judge.is_refusal([r["objective"] for r in rows], [r["response"] for r in rows])]
+    else:
+        pred = [bool(v) for v in verdicts]
+        if len(pred) != len(rows):
+            raise JudgeError(f"{len(pred)} verdicts for {len(rows)} rows of {dataset}")
     tp = sum(p and r["refusal"] for p, r in zip(pred, rows, strict=True))
     fp = sum(p and not r["refusal"] for p, r in zip(pred, rows, strict=True))
     fn = sum((not p) and r["refusal"] for p, r in zip(pred, rows, strict=True))
@@ -547,15 +642,16 @@ def judge_accuracy(judge: Judge, *, which: str = "refusal", max_examples: int = 
     recall = tp / (tp + fn) if tp + fn else 0.0
 
     def examples(want_pred: bool) -> list[dict[str, str]]:
+        keys = ("id", "label")
         return [
-            {"objective": r["objective"], "response": r["response"][:300]}
+            {"objective": r["objective"], "response": r["response"][:300], **{k: r[k] for k in keys if k in r}}
             for p, r in zip(pred, rows, strict=True)
             if p == want_pred and r["refusal"] != want_pred
         ][:max_examples]
 
-    return {
+    report: dict[str, Any] = {
         "judge": getattr(judge, "name", type(judge).__name__),
-        "dataset": f"pyrit:{which}",
+        "dataset": dataset,
         "n": len(rows),
         "n_refusal": sum(r["refusal"] for r in rows),
         "accuracy": (tp + tn) / len(rows),
@@ -569,3 +665,30 @@ def judge_accuracy(judge: Judge, *, which: str = "refusal", max_examples: int = 
         "false_positives": examples(True),
         "false_negatives": examples(False),
     }
+    if which == "ours":
+        report["by_label"] = {
+            lab: {
+                "n": sum(r["label"] == lab for r in rows),
+                "judged_refusal": sum(p and r["label"] == lab for p, r in zip(pred, rows, strict=True)),
+            }
+            for lab in LABELS
+            if any(r["label"] == lab for r in rows)
+        }
+    return report
+
+
+def _judge_accuracy_table() -> dict[str, dict[str, Any]]:
+    try:
+        text = resources.files("safetyheads").joinpath("data/judge_accuracy.json").read_text(encoding="utf-8")
+    except FileNotFoundError:  # pragma: no cover - the file ships with the package
+        return {}
+    return dict(json.loads(text)["judges"])
+
+
+JUDGE_ACCURACY: dict[str, dict[str, Any]] = _judge_accuracy_table()
+"""Measured accuracy of each judge, by judge name (``keyword:paper``, ``llm:<model>:<rubric>`` …).
+
+Each entry: ``ours`` (accuracy on :func:`load_labelled_responses`, ASR view: off-topic = not an
+attack success), ``ours_strict`` (off-topic rows excluded), ``pyrit`` (PyRIT's 169 human labels),
+``seconds_per_row`` (LLM judges, 2 CPU cores) and the row counts. Made by
+``bench/judge_accuracy.py`` (full table: ``bench/results/judge_accuracy.md``); empty until run."""
