@@ -46,12 +46,13 @@ from safetyheads.datasets import holdout_split, load_prompts
 from safetyheads.evaluate import (
     Evaluation,
     derive_refusal_tokens,
+    eval_prompt_sets,
+    eval_slug,
     evaluate_conditions,
     per_query_heads,
     random_control,
     random_control_seed,
 )
-from safetyheads.pipeline import eval_slug
 from safetyheads.provenance import atomic_write_text, library_versions
 from safetyheads.sahara import SaharaResult, sahara
 from safetyheads.ships import ShipsResult, ships_estimate
@@ -257,16 +258,12 @@ class Bench:
     def extra_evaluation(self, name: str, conds: list[dict], gen: dict[str, Any]) -> Evaluation:
         """The fixed-head conditions (not per-query: its heads belong to the AdvBench prompts) on ``--n-eval``
         prompts of another dataset, sampled and held out as the pipeline does (``load_prompt_sets``)."""
-        from safetyheads.config import RunConfig
-        from safetyheads.pipeline import load_prompt_sets
-
         a = self.a
         out = self.out / "evaluations" / eval_slug(name.strip())
         path = out / "prompts.json"
         if not path.exists():
-            cfg = RunConfig(dataset=a.dataset, n_attribution=a.n_attr, n_eval=a.n_eval, seed=a.seed,
-                            eval_dataset=name.strip())
-            attr, sets = load_prompt_sets(cfg)
+            attr, sets = eval_prompt_sets(a.dataset, [name.strip()], n_attribution=a.n_attr, n_eval=a.n_eval,
+                                          seed=a.seed)
             assert list(attr) == self.attr
             _json(path, {"name": name.strip(), "prompts": list(sets[0][1]), "provenance": sets[0][1].provenance()})
         prompts = json.loads(path.read_text())["prompts"]

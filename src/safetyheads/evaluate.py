@@ -96,6 +96,8 @@ __all__ = [
     "EvaluationError",
     "attack_success",
     "derive_refusal_tokens",
+    "eval_prompt_sets",
+    "eval_slug",
     "evaluate",
     "evaluate_conditions",
     "generate",
@@ -166,6 +168,50 @@ def random_control(model, heads: Sequence[Head], *, kind: str = "layer-matched",
     if kind == "uniform":
         return random_heads(model, len(heads), exclude=list(heads) + list(exclude), seed=seed)
     raise EvaluationError(f"unknown random control kind {kind!r}; choose one of {list(RANDOM_KINDS)}")
+
+
+# --------------------------------------------------------------------------- evaluation datasets
+
+
+def eval_slug(name: str) -> str:
+    """A file-safe folder name for an evaluation dataset (``harmbench:standard`` → ``harmbench-standard``)."""
+    base = Path(name).name if ("/" in name or "\\" in name) else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")
+
+
+def eval_prompt_sets(dataset: str, eval_datasets: Sequence[str], *, n_attribution: int, n_eval: int, seed: int = 0,
+                     column: str | None = None):
+    """``(attribution, [(name, PromptSet), …])``: the attribution prompts (the seeded hold-out split of
+    ``dataset``) and one held-out evaluation set per name of ``eval_datasets`` — the split's evaluation
+    part for ``dataset`` itself, else a seeded sample of ``n_eval`` prompts of that dataset (all of it
+    if smaller, with a warning), any prompt of the attribution set removed first.
+
+    Raises:
+        DatasetError: unknown names, bad files, or too few prompts for the split.
+    """
+    from .datasets import holdout_split, load_prompts
+
+    harmful = load_prompts(dataset, column=column)
+    attribution, held_out = holdout_split(harmful, n_attribution, n_eval, seed=seed)
+    seen = set(attribution)
+    sets = []
+    for name in eval_datasets:
+        if name == dataset:
+            sets.append((name, held_out))
+            continue
+        ps = load_prompts(name)
+        keep = [i for i, p in enumerate(ps) if p not in seen]
+        if len(keep) < len(ps):
+            log.info("eval dataset %s: %d prompts also in the attribution set removed", name, len(ps) - len(keep))
+            ps = ps.subset(keep, note="minus the attribution prompts")
+        if len(ps) > n_eval:
+            import random
+
+            ps = ps.subset(sorted(random.Random(seed).sample(range(len(ps)), n_eval)), note=f"sample(n={n_eval}, seed={seed})")
+        elif len(ps) < n_eval:
+            log.warning("eval dataset %s has %d prompts, fewer than n_eval=%d: all are used", name, len(ps), n_eval)
+        sets.append((name, ps))
+    return attribution, sets
 
 
 # --------------------------------------------------------------------------- conditions
