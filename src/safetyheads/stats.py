@@ -114,7 +114,9 @@ def paired_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: int = 10_00
 
     Prompts (pairs) are resampled with replacement ``n_boot`` times with ``numpy.random.default_rng(seed)``;
     the interval is the ``(1 − level)/2`` and ``(1 + level)/2`` quantiles (numpy's default linear
-    interpolation) of the resampled mean differences.
+    interpolation) of the resampled mean differences. For binary outcomes with few discordant pairs
+    it is narrower than the exact McNemar test implies (e.g. 4 flips one way, none the other: the
+    interval excludes 0, exact p = 0.125); significance is read from the test, not the interval.
     """
     xa, ya = _pair(x, y)
     if not isinstance(n_boot, int) or n_boot < 1:
