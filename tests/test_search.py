@@ -340,3 +340,50 @@ def test_result_roundtrip(model, tok, rt, tmp_path):
     back = SearchResult.load(tmp_path / "r.json")
     assert back.to_json() == json.loads(json.dumps(res.to_json()))
     assert back.steps[0].harmless_kl == res.steps[0].harmless_kl and back.signed == res.signed
+
+
+# --------------------------------------------------------------------------- why methods disagree
+
+
+def test_first_token_attention_is_one_over_t_under_ua(model, tok):
+    """Under UA ablation a head attends uniformly over the prompt, so its weight on the first token at
+    the last position is 1/T: the mean over prompts of 1/T_i, to 1e-6 (ε = 1e-5 leaves a tiny tilt);
+    other heads are not uniform; every weight is in [0, 1]; the attention implementation is restored."""
+    from safetyheads.disagreement import first_token_attention
+
+    lengths = [encode_prompts(tok, [t])["input_ids"].shape[1] for t in format_prompts(tok, P6)]
+    with ablate(model, [(1, 2)], mode="ua", eps=1e-5):
+        att = first_token_attention(model, tok, P6)
+    assert att.shape == (3, 4) and float(att.min()) >= 0 and float(att.max()) <= 1
+    assert float(att[1, 2]) == pytest.approx(sum(1 / t for t in lengths) / len(lengths), abs=1e-6)
+    assert abs(float(att[1, 1]) - float(att[1, 2])) > 1e-3
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_disagreement_table(model, tok, rt, ref, tmp_path):
+    """disagreement(): one row per head of the union of the methods' lists, each with its rank in every
+    method that picked it; KL-Ships, signed refusal drop and Sahara angle equal the brute-force
+    single-head scores (1e-9; angle 1e-7 rad); a given [L, H] grid is used as is (the direction
+    column); ▲ marks exactly the heads whose ablation raises refusal; JSON round trip."""
+    from safetyheads.disagreement import Disagreement, disagreement
+
+    singles = {h: ref.refusal([h]) for h in HEADS}
+    neg = min(singles, key=singles.get)  # a head whose ablation raises refusal
+    methods = {"a": [(0, 1), (2, 3)], "b": [(2, 3), neg]}
+    contrib = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    d = disagreement(model, tok, P6, methods, refusal_tokens=rt, direction=contrib)
+    union = list(dict.fromkeys(methods["a"] + methods["b"]))
+    assert sorted(r.head for r in d.rows) == sorted(union)
+    row = {r.head: r for r in d.rows}
+    assert row[(2, 3)].methods == {"a": 2, "b": 1} and row[neg].methods.get("b") == 2
+    for h in union:
+        assert row[h].kl_ships == pytest.approx(ref.kl([h]), abs=1e-9)
+        assert row[h].refusal_drop == pytest.approx(singles[h], abs=1e-9)
+        assert row[h].sahara_angle == pytest.approx(ref.subspace([h]), abs=1e-7)
+        assert row[h].direction_projection == float(contrib[h])
+        assert row[h].raises_refusal == (singles[h] < 0)
+    md = d.to_markdown()
+    assert f"L{neg[0]}H{neg[1]} ▲" in md and singles[neg] < 0
+    d.save(tmp_path / "d.json")
+    back = Disagreement.load(tmp_path / "d.json")
+    assert back.to_json() == json.loads(json.dumps(d.to_json()))
