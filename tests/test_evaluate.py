@@ -6,6 +6,7 @@ Fast tests use tiny random-weight models whose vocabulary matches the real SmolL
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -17,7 +18,6 @@ import transformers as tf
 from conftest import load_builtin, skip_or_fail
 from tiny_lm import hf_greedy
 
-import safetyheads.evaluate as ev
 import safetyheads.generation as gen
 from safetyheads.evaluate import (
     Condition,
@@ -37,6 +37,8 @@ from safetyheads.evaluate import (
 )
 from safetyheads.ships import ShipsResult
 from safetyheads.surgery import surgery
+
+ev = importlib.import_module("safetyheads.evaluate")  # the package binds sh.evaluate to the function
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea and the wind at night.", "Hi"]
 HARMLESS = ["What is the capital of France?", "Name three colours."]

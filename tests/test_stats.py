@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -216,7 +217,7 @@ def test_auroc_and_point_biserial_hand_cases():
 
 
 def test_wilson_interval_moved_here_and_re_exported():
-    import safetyheads.evaluate as ev
+    ev = importlib.import_module("safetyheads.evaluate")
 
     assert ev.wilson_interval is wilson_interval
     z2 = 1.959963984540054 ** 2
