@@ -258,7 +258,9 @@ def _bars(ax, rows: Sequence[dict], value_key: str, ylabel: str, strip: str = ""
         ax.bar(x, v, color=CATEGORY_COLORS[cat], edgecolor="#333333" if cat != "random" else "#3182bd",
                hatch="//" if cat == "random" else None, linewidth=0.8, width=0.72, zorder=2)
         ax.errorbar(x, v, yerr=[[lo], [hi]], fmt="none", ecolor="black", capsize=4, linewidth=1.1, zorder=3)
-        ax.text(x, min(1.0, v + hi) + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=8.5)
+        pa = (c.get("paired") or {}).get("asr") or {}
+        star = "*" if pa.get("p_value") is not None and float(pa["p_value"]) < 0.05 else ""  # paired exact McNemar
+        ax.text(x, min(1.0, v + hi) + 0.02, f"{v:.2f}{star}", ha="center", va="bottom", fontsize=8.5)
     if baseline is not None:
         ax.axhline(baseline, color="#333333", linestyle="--", linewidth=1.1, zorder=1)
     ns = {c.get("n") for c in rows}
@@ -326,6 +328,8 @@ def asr_bars(evaluation: dict, path: str | Path) -> Path:
         handles.append(Line2D([], [], color="#333333", linestyle="--", label=b))
     handles.append(Line2D([], [], color="black", marker="_", markersize=10, linestyle="none",
                           label="error bars: 95 % Wilson interval"))
+    if any(((c.get("paired") or {}).get("asr") or {}).get("p_value") is not None for c in conds):
+        handles.append(Line2D([], [], linestyle="none", label="* paired exact McNemar p < 0.05 vs baseline"))
     last = fig.axes[-1]
     last.legend(handles=handles, loc="center left", bbox_to_anchor=(1.03, 0.5), fontsize=8.5, frameon=False)
     return _save(fig, path)
