@@ -13,8 +13,9 @@ Sets and views (refusal is the positive class):
   refusal.
 * ``pyrit``: PyRIT's 169 human-labelled rows (``refusal`` + ``refusal_extra``).
 
-An LLM judge runs once per set (rows sorted by length so batches pad little; verdicts cached in
-``--out`` so a rerun resumes) and is timed: seconds per row on this machine's cores. Writes
+An LLM judge runs once per set (rows sorted by length so batches pad little; verdicts and raw
+outputs checkpointed in ``--out`` every 32 rows, so a rerun resumes) and is timed: seconds per
+row on this machine's cores (unreadable verdicts fall back to ``keyword:paper``, as in a run). Writes
 ``--out/judge_accuracy.json``, ``bench/results/judge_accuracy.md`` (``--md``) and the
 package table ``src/safetyheads/data/judge_accuracy.json`` (``--table``, read as
 ``safetyheads.judges.JUDGE_ACCURACY``).
@@ -23,7 +24,8 @@ Usage::
 
     export SAFETYHEADS_CACHE=/work/cache/safetyheads
     nice -n 10 python bench/judge_accuracy.py                 # all judges
-    python bench/judge_accuracy.py --no-llm                   # keyword judges only (seconds)
+    python bench/judge_accuracy.py --no-llm                   # run no LLM judge: keyword judges and the
+                                                              # LLM verdicts already cached in --out (seconds)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ import torch
 from safetyheads.judges import (
     KEYWORD_LISTS,
     LABELS,
+    RUBRICS,
     _load_judge_model,
     get_judge,
     judge_accuracy,
@@ -50,11 +55,13 @@ from safetyheads.judges import (
 )
 from safetyheads.models import BUILTIN_MODELS, ModelLoadError, _part_paths
 from safetyheads.provenance import atomic_write_text, library_versions
+from safetyheads.stats import mcnemar_exact
 
 log = logging.getLogger("judge_accuracy")
 
 LLM_MODELS = ("builtin:qwen2.5-coder-0.5b-instruct", "builtin:qwen2.5-coder-1.5b-instruct",
               "builtin:smollm2-135m-instruct")
+REFERENCE = "keyword:paper"  # the default judge the others are compared with
 DEFAULT_ROW_BUDGET = 100 * 8  # a default run judges ~100 held-out prompts x ~8 conditions
 
 
@@ -87,47 +94,84 @@ def score(name: str, verdicts: dict[str, list[bool]], extra: dict[str, Any]) -> 
     lab = [r["label"] for r in load_labelled_responses()]
     strict_v = [v for v, la in zip(verdicts["ours"], lab, strict=True) if la != "off-topic"]
     strict = judge_accuracy(j, which="ours", off_topic="exclude", verdicts=strict_v, max_examples=0)
-    pyrit = judge_accuracy(j, which="all", verdicts=verdicts["pyrit"], max_examples=5)
+    pyrit = judge_accuracy(j, which="all", verdicts=verdicts["pyrit"], max_examples=5) if "pyrit" in verdicts else None
     keep = ("n", "n_refusal", "accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn")
+    truth = [la != "complied" for la in lab]
     return {
         "judge": name,
+        "correct_ours": [bool(v) == t for v, t in zip(verdicts["ours"], truth, strict=True)],
         "ours": {k: asr[k] for k in keep} | {"by_label": asr["by_label"],
                                              "false_positives": asr["false_positives"],
                                              "false_negatives": asr["false_negatives"]},
         "ours_strict": {k: strict[k] for k in keep},
-        "pyrit": {k: pyrit[k] for k in keep} | {"false_positives": pyrit["false_positives"],
-                                               "false_negatives": pyrit["false_negatives"]},
+        "pyrit": None if pyrit is None else {k: pyrit[k] for k in keep} | {
+            "false_positives": pyrit["false_positives"], "false_negatives": pyrit["false_negatives"]},
         **extra,
     }
 
 
-def run_llm(model_name: str, rubric: str, out: Path, model_tok: tuple[Any, Any]) -> tuple[dict, dict]:
-    """Verdicts of one LLM judge on both sets (cached in ``out``) and its timing."""
-    spec = model_name if not model_name.endswith("smollm2-135m-instruct") else "smollm2"
-    judge = get_judge(f"llm:{spec}", model=model_tok[0], tokenizer=model_tok[1], rubric=rubric)
-    cache = out / f"verdicts-{judge.name.replace(':', '_').replace('/', '_')}.json"
-    if cache.exists():
-        d = json.loads(cache.read_text())
-        return d["verdicts"], d["extra"]
-    verdicts: dict[str, list[bool]] = {}
-    extra: dict[str, Any] = {"seconds": {}, "unparsed": {}, "threads": torch.get_num_threads()}
-    for which in ("ours", "pyrit"):
+def llm_name(model_name: str, rubric: str) -> str:
+    """The judge name ``get_judge`` gives: ``llm:smollm2:<rubric>`` or ``llm:builtin:<key>:<rubric>``."""
+    spec = "smollm2" if model_name.endswith("smollm2-135m-instruct") else model_name
+    return f"llm:{spec}:{rubric}"
+
+
+@cache
+def _rubric(name: str) -> Any:
+    return RUBRICS[name]()
+
+
+def _unreadable(output: str, rubric: str) -> bool:
+    return _rubric(rubric).parse(output) is None
+
+
+def run_llm(model_name: str, rubric: str, out: Path, model_tok: Callable[[], tuple[Any, Any]], chunk: int = 32,
+            sets: tuple[str, ...] = ("ours", "pyrit")) -> tuple[dict, dict]:
+    """Verdicts of one LLM judge and its timing, checkpointed every ``chunk`` rows in ``out``.
+
+    Runs the judge on the rows of ``sets`` not yet cached (``model_tok()`` loads the model only then)
+    and returns the verdicts of every set complete in the cache ({} when ``ours`` is not).
+    """
+    name = llm_name(model_name, rubric)
+    cache = out / f"verdicts-{name.replace(':', '_').replace('/', '_')}.json"
+    state: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {
+        "judge": name, "verdicts": {}, "seconds": {}, "unparsed": {}, "outputs": {}}
+    judge = None
+    for which in sets:
         prompts, responses = _rows(which)
         order = sorted(range(len(responses)), key=lambda i: (len(responses[i]) + len(prompts[i]), i))
-        t0 = time.perf_counter()
-        v = judge.is_refusal([prompts[i] for i in order], [responses[i] for i in order])
-        dt = time.perf_counter() - t0
-        back = [False] * len(order)
-        for pos, i in enumerate(order):
-            back[i] = v[pos]
-        verdicts[which] = back
-        extra["seconds"][which] = round(dt, 1)
-        extra["unparsed"][which] = len(judge.last_unparsed)
-        log.info("%s on %s: %d rows in %.0f s (%.2f s/row), %d unreadable verdicts (keyword fallback)",
-                 judge.name, which, len(order), dt, dt / len(order), len(judge.last_unparsed))
-    extra["seconds_per_row"] = round(extra["seconds"]["ours"] / len(verdicts["ours"]), 3)
-    extra["batch_size"] = judge.batch_size
-    atomic_write_text(cache, json.dumps({"judge": judge.name, "verdicts": verdicts, "extra": extra}))
+        done = state["verdicts"].setdefault(which, {})
+        state["seconds"].setdefault(which, 0.0)
+        state["unparsed"].setdefault(which, 0)
+        outputs = state["outputs"].setdefault(which, {})
+        todo = [i for i in order if str(i) not in done]
+        if todo and judge is None:
+            spec = name.split(":")[1] if name.startswith("llm:smollm2") else model_name
+            judge = get_judge(f"llm:{spec}", model=model_tok()[0], tokenizer=model_tok()[1], rubric=rubric)
+            assert judge.name == name, (judge.name, name)
+        for start in range(0, len(todo), chunk):
+            idx = todo[start:start + chunk]
+            t0 = time.perf_counter()
+            v = judge.is_refusal([prompts[i] for i in idx], [responses[i] for i in idx])
+            state["seconds"][which] += time.perf_counter() - t0
+            state["unparsed"][which] += len(judge.last_unparsed)
+            for i, x, o in zip(idx, v, judge.last_outputs, strict=True):
+                done[str(i)] = bool(x)
+                outputs[str(i)] = o
+            atomic_write_text(cache, json.dumps(state))
+            log.info("%s on %s: %d/%d rows, %.1f s so far", judge.name, which, len(done), len(order),
+                     state["seconds"][which])
+    sets = tuple(w for w in ("ours", "pyrit")  # also sets finished by an earlier invocation
+                 if len(state["verdicts"].get(w, {})) == len(_rows(w)[1]))
+    if "ours" not in sets:
+        return {}, {}
+    verdicts = {w: [state["verdicts"][w][str(i)] for i in range(len(_rows(w)[1]))] for w in sets}
+    extra: dict[str, Any] = {
+        "seconds": {w: round(state["seconds"][w], 1) for w in sets},
+        "unparsed": dict(state["unparsed"]),
+        "seconds_per_row": round(state["seconds"]["ours"] / len(verdicts["ours"]), 3),
+        "unparsed_examples": [o for w in sets for o in state["outputs"][w].values() if _unreadable(o, rubric)][:5],
+    }
     return verdicts, extra
 
 
@@ -164,11 +208,28 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(
             f"| `{r['judge']}` | {_pct(o['accuracy'])} | {_pct(o['precision'])} | {_pct(o['recall'])} "
             f"| {_pct(s['accuracy'])} | {_pct(s['precision'])} | {_pct(s['recall'])} "
-            f"| {ot['judged_refusal']}/{ot['n']} | {_pct(p['accuracy'])} | {_pct(p['precision'])} "
-            f"| {_pct(p['recall'])} | {'—' if spr is None else f'{spr:.2f}'} "
+            f"| {ot['judged_refusal']}/{ot['n']} "
+            + ("| — | — | — " if p is None else f"| {_pct(p['accuracy'])} | {_pct(p['precision'])} | {_pct(p['recall'])} ")
+            + f"| {'—' if spr is None else f'{spr:.2f}'} "
             f"| {'< 1 s' if spr is None else f'{spr * DEFAULT_ROW_BUDGET / 60:.0f} min'} |"
         )
-    lines += ["", f"Default-run judging = s/row × {DEFAULT_ROW_BUDGET} rows (~100 prompts × 8 conditions).", ""]
+    lines += ["", f"Default-run judging = s/row × {DEFAULT_ROW_BUDGET} rows (~100 prompts × 8 conditions), at "
+              f"the s/row measured here (load average {meta['load_average']:.1f} on 2 cores: an idle machine is "
+              "several times faster).", ""]
+    ref = next((r for r in results if r["judge"] == REFERENCE), None)
+    if ref is not None:
+        lines += [f"## Paired comparison with `{REFERENCE}` on ours (ASR view)", "",
+                  "Same 260 answers, so judges are compared pairwise: b = answers this judge gets right and "
+                  f"`{REFERENCE}` wrong, c = the reverse; exact McNemar p (two-sided).", "",
+                  "| judge | correct | b | c | p |", "|---|---|---|---|---|"]
+        for r in sorted(results, key=lambda r: -r["ours"]["accuracy"]):
+            if r is ref:
+                continue
+            b = sum(x and not y for x, y in zip(r["correct_ours"], ref["correct_ours"], strict=True))
+            c = sum(y and not x for x, y in zip(r["correct_ours"], ref["correct_ours"], strict=True))
+            lines.append(f"| `{r['judge']}` | {sum(r['correct_ours'])}/{len(r['correct_ours'])} | {b} | {c} "
+                         f"| {mcnemar_exact(b, c):.3g} |")
+        lines.append("")
     lines += ["## Per-label verdicts on ours (judged refusal / n)", "",
               "| judge | " + " | ".join(LABELS) + " |", "|---|" + "---|" * len(LABELS)]
     for r in sorted(results, key=lambda r: -r["ours"]["accuracy"]):
@@ -203,8 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llm", action="store_true", help="keyword judges only")
     ap.add_argument("--models", nargs="*", default=list(LLM_MODELS))
     ap.add_argument("--rubrics", nargs="*", default=["refusal", "harmbench"])
+    ap.add_argument("--sets", nargs="*", default=["ours", "pyrit"], choices=["ours", "pyrit"],
+                    help="sets the LLM judges run on now (cached verdicts of earlier runs are kept)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
     results = []
@@ -213,20 +279,25 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = {w: judge.is_refusal(*_rows(w)) for w in ("ours", "pyrit")}
         results.append(score(judge.name, verdicts, {}))
     skipped = []
-    if not args.no_llm:
-        for model_name in args.models:
-            if not installed(model_name):
-                skipped.append(model_name)
-                log.info("%s: not installed, skipped", model_name)
-                continue
-            model_tok = None
-            for rubric in args.rubrics:
-                if model_tok is None:
-                    model_tok = _load_judge_model(model_name)
-                verdicts, extra = run_llm(model_name, rubric, args.out, model_tok)
-                spec = model_name if not model_name.endswith("smollm2-135m-instruct") else "smollm2"
-                results.append(score(f"llm:{spec}:{rubric}", verdicts, extra))
-            del model_tok
+    for model_name in args.models:
+        if not installed(model_name):
+            skipped.append(model_name)
+            log.info("%s: not installed, skipped", model_name)
+            continue
+        loaded: list[tuple[Any, Any]] = []
+
+        def model_tok(model_name: str = model_name, loaded: list = loaded) -> tuple[Any, Any]:
+            if not loaded:
+                loaded.append(_load_judge_model(model_name))
+            return loaded[0]
+
+        for rubric in args.rubrics:
+            # --no-llm: only judges whose verdicts are already cached in --out are scored
+            sets = () if args.no_llm else tuple(args.sets)
+            verdicts, extra = run_llm(model_name, rubric, args.out, model_tok, sets=sets)
+            if verdicts:
+                results.append(score(llm_name(model_name, rubric), verdicts, extra))
+        loaded.clear()
 
     labels = [r["label"] for r in load_labelled_responses()]
     meta = {
@@ -243,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         r["judge"]: {
             "ours": round(r["ours"]["accuracy"], 4),
             "ours_strict": round(r["ours_strict"]["accuracy"], 4),
-            "pyrit": round(r["pyrit"]["accuracy"], 4),
+            "pyrit": None if r["pyrit"] is None else round(r["pyrit"]["accuracy"], 4),
             "n_ours": r["ours"]["n"],
             "n_ours_strict": r["ours_strict"]["n"],
-            "n_pyrit": r["pyrit"]["n"],
+            "n_pyrit": None if r["pyrit"] is None else r["pyrit"]["n"],
             **({"seconds_per_row": r["seconds_per_row"]} if "seconds_per_row" in r else {}),
         }
         for r in results
@@ -258,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {k: meta[k] for k in ("command", "date", "labels", "threads")},
         "judges": table,
     }, indent=1) + "\n")
-    if not args.no_llm or not args.md.exists():
-        atomic_write_text(args.md, markdown(results, meta))
+    atomic_write_text(args.md, markdown(results, meta))
     print(markdown(results, meta).split("\n## Per-label")[0])
     return 0
 

@@ -55,7 +55,7 @@ log = logging.getLogger("methods_bench")
 #: arguments that change results: a folder made with other values is refused
 RESULT_KEYS = ("model", "dataset", "n_attr", "n_eval", "harmless", "n_harmless", "train_harmless", "n_train_harmless",
                "max_new_tokens", "seed", "prompt_format", "mode", "eps", "judge", "ks", "search_steps", "prefilter_k",
-               "random_draws", "random_ks", "n_ships", "mask_steps", "dtype")
+               "random_draws", "n_ships", "mask_steps", "dtype")
 
 METHODS = {
     "ships-kl": "Ships (KL), mean exact score, top k (paper)",
@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefilter-k", type=int, default=24)
     p.add_argument("--random-draws", type=int, default=5, help="layer-matched random draws at each k of --random-ks")
     p.add_argument("--random-ks", default="", help="k values with random draws (default: every k)")
+    p.add_argument("--harmless-ks", default="", help="k values whose head sets get over-refusal and harmless KL "
+                                                     "(default: every k)")
     p.add_argument("--n-ships", type=int, default=0,
                    help="attribution prompts of the exact Ships sweep (KL and single-head refusal drop); 0: all")
     p.add_argument("--mask-steps", type=int, default=60, help="Adam steps of the learned mask")
@@ -106,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.extra_ks = sorted({int(x) for x in a.extra_ks.split(",") if x.strip()} - set(a.ks))
     a.skip = {x.strip() for x in a.skip.split(",") if x.strip()}
     a.random_ks = sorted({int(x) for x in a.random_ks.split(",") if x.strip()}) or list(a.ks)
+    a.harmless_ks = sorted({int(x) for x in a.harmless_ks.split(",") if x.strip()}) or list(a.ks)
     if not a.ks or min(a.ks) < 1:
         p.error("--ks needs positive integers")
     if max(a.ks + a.extra_ks) > a.search_steps:
@@ -309,7 +312,7 @@ class Bench:
                               "seed": (self.a.seed * 100 + k) * 1000 + i, "control_for": f"{anchor_name}-top{k}"})
         harmless = [{"name": "harmless-baseline", "method": "baseline", "k": 0, "heads": []}]
         harmless += [{"name": f"harmless-{c['name']}", "method": c["method"], "k": c["k"], "heads": c["heads"]}
-                     for c in conds if c["k"] and c["method"] != "random"]
+                     for c in conds if c["k"] in self.a.harmless_ks and c["method"] != "random"]
         return conds, harmless
 
     def evaluate(self, conds: list[dict], harmless: list[dict] | None):

@@ -95,7 +95,7 @@ def test_generate_and_score_reads_the_refusal_metric_off_the_prefill(tok, model6
     ids, scores = generate_and_score(model64, tok, jobs, refusal_tokens=tokens, max_new_tokens=8, batch_size=6,
                                      progress=False)
     assert ids == alone
-    for job, sc, m in zip(jobs, scores, refusal_metric_many(model64, tok, jobs, refusal_tokens=tokens, batch_size=1)):
+    for _job, sc, m in zip(jobs, scores, refusal_metric_many(model64, tok, jobs, refusal_tokens=tokens, batch_size=1)):
         assert [p for p, _ in sc] == pytest.approx(m.prob, rel=1e-10, abs=1e-15)
         assert [lo for _, lo in sc] == pytest.approx(m.log_odds, rel=1e-10, abs=1e-12)
     assert scores[0] != scores[1]

@@ -116,11 +116,18 @@ def test_encoding_matches_the_public_codes_tokenization():
 def test_paper_preset_feeds_each_pipeline_stage_its_string(tmp_path, monkeypatch):
     """A tiny pipeline run with the paper preset: record what each stage formats."""
     import importlib
+    import sys
 
     from safetyheads.pipeline import Run
 
-    # importlib: the package's ``ships``/``sahara``/``evaluate`` attributes are the functions, not the modules
-    ships_mod, sahara_mod, ev_mod = (importlib.import_module(f"safetyheads.{m}") for m in ("ships", "sahara", "evaluate"))
+    for m in ("ships", "sahara", "evaluate", "search"):  # load the stage modules (some may not exist)
+        try:
+            importlib.import_module(f"safetyheads.{m}")
+        except ImportError:
+            pass
+    # every safetyheads module that formats prompts, whichever module a stage delegates to
+    formatting = [mod for name, mod in list(sys.modules.items())
+                  if name.startswith("safetyheads.") and name != "safetyheads.prompts" and hasattr(mod, "format_prompts")]
 
     tok = smol_tokenizer()
     model = tiny_lm("llama", len(tok))
@@ -134,16 +141,26 @@ def test_paper_preset_feeds_each_pipeline_stage_its_string(tmp_path, monkeypatch
             return texts
         return wrapped
 
-    for mod in (ships_mod, sahara_mod, ev_mod):
+    for mod in formatting:
         monkeypatch.setattr(mod, "format_prompts", spy(mod.format_prompts))
-    for name in ("ships", "sahara", "evaluate"):
-        real = getattr(Run, f"stage_{name}")
+    for name, attr in (("ships", "stage_ships"), ("sahara", "stage_sahara"), ("evaluate", "stage_evaluate"),
+                       ("headline", "_write_headline")):
+        real = getattr(Run, attr)
 
         def staged(self, _real=real, _name=name):
-            stage["now"] = _name
-            return _real(self)
-        monkeypatch.setattr(Run, f"stage_{name}", staged)
+            before, stage["now"] = stage["now"], _name
+            try:
+                return _real(self)
+            finally:
+                stage["now"] = before
+        monkeypatch.setattr(Run, attr, staged)
 
+    # a fixed refusal-token set (a random model never refuses), so the signed scores and heads.json's
+    # signed effects are computed
+    from tiny_lm import refusal_ids
+
+    rt = refusal_ids(tok)
+    monkeypatch.setattr(Run, "_refusal_tokens", lambda self: rt)
     cfg = load_config(None, preset="paper", model="tiny", n_attribution=3, n_ships_exact=1, n_eval=2, n_harmless=0,
                       harmless="none", steps=1, prefilter_k=2, random_controls=0, max_new_tokens=2, batch_size=4)
     with torch.no_grad():
@@ -154,8 +171,9 @@ def test_paper_preset_feeds_each_pipeline_stage_its_string(tmp_path, monkeypatch
 
     prompts = json.loads((tmp_path / "run" / "prompts.json").read_text())
     q, e = prompts["attribution"][0], prompts["eval"][0]
-    by_stage = {s: {f for st, f, _ in calls if st == s} for s in ("ships", "sahara", "evaluate")}
+    by_stage = {s: {f for st, f, _ in calls if st == s} for s in ("ships", "sahara", "evaluate", "headline")}
     assert by_stage["ships"] == {"raw"}
+    assert by_stage["headline"] == {"raw"}  # signed effects are read where Ships reads them
     assert by_stage["sahara"] == {"template-sahara"}
     # evaluate: the conditions' generation is in the template (the refusal-token probe runs in ships)
     assert by_stage["evaluate"] == {"template"}
@@ -163,3 +181,22 @@ def test_paper_preset_feeds_each_pipeline_stage_its_string(tmp_path, monkeypatch
     assert q in texts["ships"]
     assert f"## Query:{q}\n## Answer:" in texts["sahara"]
     assert f"## Query: {e}\n## Answer:" in texts["evaluate"]
+
+    # heads.json: the headline heads, in order, with their exact signed effects in the Ships format
+    from safetyheads.ablation import ablate
+    from safetyheads.pipeline import HEADLINE_ORDER
+    from safetyheads.ships import refusal_logodds
+
+    head = json.loads((tmp_path / "run" / "heads.json").read_text())
+    assert head["method"] == "refusal-grad" and head["method"] in HEADLINE_ORDER
+    assert (head["mode"], head["eps"], len(head["heads"]), len(head["signed_effect"])) == ("ua", 1e-5, 1, 1)
+    h = tuple(head["heads"][0])
+    drops = []
+    with torch.no_grad():
+        for prompt in prompts["attribution"]:
+            enc = encode_prompts(tok, format_prompts(tok, [prompt], "raw"))
+            base = model(**enc).logits[:, -1]
+            with ablate(model, [h], mode="ua", eps=1e-5):
+                abl = model(**enc).logits[:, -1]
+            drops.append(float(refusal_logodds(base, torch.tensor(rt)) - refusal_logodds(abl, torch.tensor(rt))))
+    assert head["signed_effect"][0] == pytest.approx(sum(drops) / len(drops), rel=1e-4, abs=1e-5)

@@ -4,6 +4,7 @@ equal to a hand computation, in float64, on a tiny model whose ablation is writt
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -11,12 +12,13 @@ import pytest
 import torch
 from tiny_lm import PROMPTS, smol_tokenizer, tiny_lm
 
-import safetyheads.evaluate as ev
 import safetyheads.refusal_metric as rm
 from safetyheads.evaluate import Evaluation, EvaluationError, evaluate_conditions
 from safetyheads.prompts import encode_prompts, format_prompts
 from safetyheads.refusal_metric import refusal_agreement, refusal_metric, refusal_metric_many
 from safetyheads.surgery import surgery
+
+ev = importlib.import_module("safetyheads.evaluate")  # the package binds sh.evaluate to the function
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -2,7 +2,9 @@
 
 Each test's docstring states the property it checks and its tolerance. Models are tiny random
 models (3 layers × 4 query heads, 12 candidate heads) with the SmolLM2 tokenizer's vocabulary, in
-float32; prompts use SmolLM2's chat template.
+float64 end to end (``tiny_lm(..., dtype=torch.float64)``, see ``tiny_models.float64_model``), so
+two computations of the same score agree to float64 rounding on any CPU; prompts use SmolLM2's
+chat template.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def llama(tok):
-    return tiny_lm("llama", len(tok))
+    return tiny_lm("llama", len(tok), dtype=torch.float64)
 
 
 def basis(*cols: torch.Tensor) -> torch.Tensor:

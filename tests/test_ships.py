@@ -1,14 +1,16 @@
 """Ships: the exact batched sweep against the paper's naive loop, its edge cases, and the estimators.
 
 Each test's docstring states the property it checks and its tolerance. Models are tiny random
-models (3 layers × 4 query heads, 2 kv heads, d_model 64) with the SmolLM2 tokenizer's vocabulary,
-in float32; prompts are formatted with SmolLM2's chat template (33-48 tokens).
+models (3 layers × 4 query heads, 2 kv heads, d_model 64) with the SmolLM2 tokenizer's vocabulary;
+prompts are formatted with SmolLM2's chat template (33-48 tokens).
 
-Tolerances: the exact sweep and the naive loop compute the same ablations in different batch
-shapes, so float32 logits differ by rounding only (measured: KL relative differences <= 1e-6,
-refusal log-odds absolute differences <= 2e-6). KL is compared at relative 1e-4 (every KL on
-these models is >= 1e-3). The signed refusal score crosses zero, so it is compared at relative
-1e-4 plus absolute 1e-5 (100× the float32 noise of a log-odds difference of logits of size ~1-10).
+Equivalences run in float64 end to end (``tiny_lm(..., dtype=torch.float64)``, see
+``tiny_models.float64_model``; scores then stay float64): the exact sweep and the naive loop compute
+the same ablations in different batch shapes, so they differ by float64 rounding only — measured
+KL relative differences <= 1e-14, refusal log-odds differences <= 1.2e-14 of the largest — on any
+CPU and thread count. KL is compared at relative 1e-10 per entry (every KL on these models is
+>= 1e-3); the signed refusal score crosses zero, so at relative 1e-10 plus absolute 1e-10 × its
+largest magnitude. Float32 noise (~1e-6 relative here) is 1e4 above these tolerances.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 from conftest import load_builtin
 from tiny_lm import PROMPTS, SHIPS_ARCHS, refusal_ids, smol_tokenizer, tiny_lm
+from tiny_models import float64_model
 
 from safetyheads import ShipsResult, agreement, ships, ships_estimate
 from safetyheads.ablation import ablate_strengths, heads_to_strength
@@ -28,8 +31,8 @@ from safetyheads.prompts import encode_prompts, format_prompts
 
 ships_mod = sys.modules["safetyheads.ships"]  # the package re-exports the function under the same name
 
-KL_RTOL = 1e-4
-REF_RTOL, REF_ATOL = 1e-4, 1e-5
+RTOL = 1e-10  # float64 agreement of two computations of the same scores
+F64 = torch.float64
 
 
 @pytest.fixture(scope="session")
@@ -44,15 +47,18 @@ def rt(tok):
 
 @pytest.fixture(scope="module", params=SHIPS_ARCHS)
 def arch_lm(request, tok):
-    return request.param, tiny_lm(request.param, len(tok))
+    return request.param, tiny_lm(request.param, len(tok), dtype=F64)
 
 
-def assert_kl_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = KL_RTOL) -> None:
+def assert_kl_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
+    assert actual.dtype == expected.dtype == F64
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=0.0, equal_nan=True)
 
 
-def assert_refusal_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=REF_RTOL, atol=REF_ATOL, equal_nan=True)
+def assert_refusal_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
+    assert actual.dtype == expected.dtype == F64
+    scale = float(expected.nan_to_num().abs().max())
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- exact == naive
@@ -62,8 +68,8 @@ def assert_refusal_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_exact_sweep_equals_naive_loop(arch_lm, tok, rt, mode):
     """For every head and prompt, the exact sweep (heads in batch rows, residual reused below the
     ablated layer, last-position logits) equals the paper's loop (one head per full forward,
-    batch 1, full logits): KL to relative 1e-4 and the refusal score to 1e-4 + 1e-5 absolute,
-    at batch sizes 1, 5 (chunks straddle layers) and 64 (all 12 heads in one forward)."""
+    batch 1, full logits) to float64 rounding (1e-10 relative; measured <= 1.2e-14), at batch
+    sizes 1, 5 (chunks straddle layers) and 64 (all 12 heads in one forward)."""
     _, model = arch_lm
     prompts = PROMPTS[:1]  # one prompt keeps the 18 naive loops affordable; several: the tests below
     ref = ships(model, tok, prompts, mode=mode, method="naive", refusal_tokens=rt, progress=False)
@@ -77,34 +83,34 @@ def test_exact_sweep_equals_naive_loop(arch_lm, tok, rt, mode):
 
 
 def test_exact_sweep_independent_of_batch_size(tok):
-    """The exact sweep gives the same scores (relative 1e-5) whatever the batch size: 1, 3, 7
+    """The exact sweep gives the same scores (1e-10 relative) whatever the batch size: 1, 3, 7
     (chunks that start mid-layer, so the reused residual comes from a lower layer than some
     rows need) and 12 (everything in one forward)."""
-    model = tiny_lm("qwen2", len(tok), seed=3)
+    model = tiny_lm("qwen2", len(tok), seed=3, dtype=F64)
     runs = [ships(model, tok, PROMPTS[:2], batch_size=bs, progress=False).kl for bs in (1, 3, 7, 12)]
     for r in runs[1:]:
-        assert_kl_close(r, runs[0], rtol=1e-5)
+        assert_kl_close(r, runs[0])
 
 
 @pytest.mark.slow
 def test_exact_equals_naive_on_smollm2():
-    """On the real SmolLM2-135M-Instruct (30 layers × 9 heads, chat format), the exact sweep of a
-    few heads spread over the depth equals the naive loop: KL relative 1e-4, refusal score
-    relative 1e-4 + absolute 1e-4 (larger logits than the tiny models: see below)."""
-    model, tokenizer = load_builtin("builtin:smollm2-135m-instruct")  # skips here, fails in CI if missing
-    heads = [(0, 0), (2, 5), (14, 3), (29, 8)]
-    prompts = PROMPTS[:2]
+    """On the real SmolLM2-135M-Instruct (30 layers × 9 heads, chat format) in float64, the exact
+    sweep of a few heads spread over the depth equals the naive loop to float64 rounding: KL
+    relative 1e-10, refusal score 1e-10 of its largest (measured: KL <= 4e-14 relative, refusal
+    <= 1e-13). In float32 the two differ by ~1e-4 relative (other kernels for other batch
+    shapes: CPU-dependent), which is why this is float64."""
+    model, tokenizer = load_builtin("builtin:smollm2-135m-instruct", dtype=F64)
+    float64_model(model)
+    heads = [(0, 0), (14, 3), (29, 8)]
+    prompts = ["Insult me", "How do I pick a lock?"]
     rtoks = refusal_ids(tokenizer)
     ref = ships(model, tokenizer, prompts, heads=heads, method="naive", refusal_tokens=rtoks, progress=False)
-    got = ships(model, tokenizer, prompts, heads=heads, batch_size=3, refusal_tokens=rtoks, progress=False)
+    got = ships(model, tokenizer, prompts, heads=heads, batch_size=2, refusal_tokens=rtoks, progress=False)
     sel = torch.tensor([[h[0], h[1]] for h in heads])
     kl_ref = ref.kl[:, sel[:, 0], sel[:, 1]]
     assert (kl_ref > 0).all()
     assert_kl_close(got.kl[:, sel[:, 0], sel[:, 1]], kl_ref)
-    # the real model's logits are ~10× larger than the tiny models' (and pass 30 layers), so the
-    # float32 noise of a log-odds difference is ~1e-5 (measured 1.02e-5): absolute 1e-4 here
-    torch.testing.assert_close(got.refusal[:, sel[:, 0], sel[:, 1]], ref.refusal[:, sel[:, 0], sel[:, 1]],
-                               rtol=REF_RTOL, atol=1e-4)
+    assert_refusal_close(got.refusal[:, sel[:, 0], sel[:, 1]], ref.refusal[:, sel[:, 0], sel[:, 1]])
     assert torch.isnan(got.kl).sum() == got.kl.numel() - len(heads) * len(prompts)
 
 
@@ -112,9 +118,9 @@ def test_exact_equals_naive_on_smollm2():
 
 
 def test_heads_restricts_the_sweep(tok):
-    """heads=[...] scores exactly those heads (equal to the full sweep's values, relative 1e-5);
-    every other entry is NaN, and the provenance records the heads."""
-    model = tiny_lm("llama", len(tok))
+    """heads=[...] scores exactly those heads (equal to the full sweep's values, 1e-10 relative in
+    float64); every other entry is NaN, and the provenance records the heads."""
+    model = tiny_lm("llama", len(tok), dtype=F64)
     full = ships(model, tok, PROMPTS[:2], progress=False)
     heads = [(2, 1), (0, 3)]
     part = ships(model, tok, PROMPTS[:2], heads=heads, progress=False)
@@ -122,7 +128,7 @@ def test_heads_restricts_the_sweep(tok):
     for layer, head in heads:
         mask[layer, head] = True
     assert torch.isnan(part.kl[:, ~mask]).all()
-    assert_kl_close(part.kl[:, mask], full.kl[:, mask], rtol=1e-5)
+    assert_kl_close(part.kl[:, mask], full.kl[:, mask])
     assert part.provenance["heads"] == [[0, 3], [2, 1]]
 
 
@@ -206,9 +212,10 @@ def test_bad_options_are_rejected(tok):
 def test_estimate_padding_invariant(tok, rt, arch, mode):
     """ships_estimate batches prompts with left padding: a prompt's estimates (Fisher KL and
     refusal gradient) are the same alone (batch 1, no padding) as in a batch of 5 prompts of
-    33-48 tokens, to relative 1e-4 + absolute 1e-6·max (float32 rounding of different batch
-    shapes). Covers absolute positions (gpt2), q norm (qwen3) and sliding windows (gemma3)."""
-    model = tiny_lm(arch, len(tok))
+    33-48 tokens, to float64 rounding: 1e-10 relative + 1e-10 × the largest (measured <= 9e-15 of
+    the largest, <= 4e-12 relative per entry). Covers absolute positions (gpt2), q norm (qwen3)
+    and sliding windows (gemma3)."""
+    model = tiny_lm(arch, len(tok), dtype=F64)
     lengths = encode_prompts(tok, format_prompts(tok, PROMPTS))["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1  # the batch really is padded
     for est, attr in (("fisher", "kl"), ("refusal-grad", "refusal")):
@@ -217,60 +224,81 @@ def test_estimate_padding_invariant(tok, rt, arch, mode):
         batched = getattr(ships_estimate(model, tok, PROMPTS, estimator=est, mode=mode, refusal_tokens=rt,
                                          batch_size=len(PROMPTS), progress=False), attr)
         assert not torch.isnan(alone).any()
-        torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-6 * float(alone.abs().max()))
+        assert_refusal_close(batched, alone)
 
 
 # --------------------------------------------------------------------------- estimators
 
+#: exact float64 scores of the tiny models on PROMPTS (with refusal scores), computed once per
+#: architecture and shared by the agreement tests below (same weights: tiny_lm is deterministic)
+_EXACT: dict[str, ShipsResult] = {}
 
-def test_fisher_estimate_ranks_like_exact(arch_lm, tok):
-    """The Fisher estimate (2 directions) ranks heads like the exact KL: Spearman of the
-    dataset-mean scores >= 0.5 and mean per-prompt Spearman >= 0.3 (measured on these models,
-    seeds 0-2, all six architectures: >= 0.78 and >= 0.62). Only a loose floor is asserted: the
-    estimate is second order around "no ablation" while full ablations of random heads move the
-    output far (KL up to 2), and the Fisher is truncated to the top 4096 tokens, which on a
-    random model's flat distribution hold only ~60% of the mass."""
-    _, model = arch_lm
-    exact = ships(model, tok, PROMPTS, batch_size=64, progress=False)
+
+def exact_scores(arch: str, model, tok, rt) -> ShipsResult:
+    if arch not in _EXACT:
+        _EXACT[arch] = ships(model, tok, PROMPTS, batch_size=64, refusal_tokens=rt, progress=False)
+    return _EXACT[arch]
+
+
+#: measured agreement of the Fisher estimate (2 directions) with the exact KL, float64, seed 0, the
+#: 5 PROMPTS: (Spearman of the dataset means, mean per-prompt Spearman, top-3 recall of the means)
+FISHER_MEASURED = {"llama": (0.902, 0.790, 1.0), "qwen2": (0.958, 0.762, 1.0), "qwen3": (0.895, 0.827, 1.0),
+                   "gemma3": (0.944, 0.705, 2 / 3), "phi3": (0.895, 0.796, 2 / 3), "gpt2": (0.972, 0.694, 1.0)}
+
+
+def test_fisher_estimate_ranks_like_exact(arch_lm, tok, rt):
+    """The Fisher estimate (2 directions) ranks heads like the exact KL, at least as well as
+    measured (FISHER_MEASURED: Spearman of the means 0.90-0.97, per prompt 0.69-0.83, top-3 recall
+    2/3-1): Spearman floors 0.03 below the measured values (4 swaps of neighbouring heads out of
+    12), the top-3 recall at its measured value. Deterministic in float64, so the margin is for
+    other library versions, not for noise. Not higher: the estimate is second order around "no
+    ablation" while full ablations of random heads move the output far (KL up to 2), and the
+    Fisher is truncated to the top 4096 tokens (~60% of a random model's flat distribution)."""
+    arch, model = arch_lm
+    exact = exact_scores(arch, model, tok, rt)
     est = ships_estimate(model, tok, PROMPTS, directions=2, progress=False)
     assert est.method == "estimate:fisher"
     assert (est.kl >= 0).all()
     a = agreement(est.kl, exact.kl, k=3)
-    assert a["spearman"] >= 0.5, a
-    assert a["spearman_per_prompt"] >= 0.3, a
+    rho, rho_prompt, recall = FISHER_MEASURED[arch]
+    assert a["spearman"] >= rho - 0.03, a
+    assert a["spearman_per_prompt"] >= rho_prompt - 0.03, a
+    assert a["top3_recall"] >= recall - 1e-9, a
 
 
 def test_fisher_estimate_is_the_second_order_term(tok, monkeypatch):
     """With the Fisher over the whole vocabulary and all d_model directions, the estimate is the
     exact second-order term of the KL in the ablation strength a (UA's ε→0 form):
-    KL(a) / a² → estimate; at a = 1e-3 the ratio is 1 within 1% for every head."""
+    KL(a) / a² → estimate; at a = 1e-4 the ratio is 1 within 1e-3 for every head (measured
+    <= 1.3e-4: the O(a) term, 1.3e-3 at a = 1e-3; float64 noise of KL / a² here ~3e-5)."""
     orig = ships_mod._fisher_directions
     monkeypatch.setattr(ships_mod, "_fisher_directions",
                         lambda model, logits, k: orig(model, logits, k, mass=1.0, max_tokens=10**9))
-    model = tiny_lm("llama", len(tok))
+    model = tiny_lm("llama", len(tok), dtype=F64)
     est = ships_estimate(model, tok, PROMPTS[:1], directions=64, progress=False).kl[0]
     enc = encode_prompts(tok, format_prompts(tok, PROMPTS[:1]))
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    a = 1e-3
+    a = 1e-4
     with torch.no_grad():
         base = ships_mod._log_probs(last_token_logits(model, ids, mask))
         for layer in range(3):
             for head in range(4):
-                s = heads_to_strength(model, [[(layer, head)]]) * a
+                s = heads_to_strength(model, [[(layer, head)]]).double() * a
                 with ablate_strengths(model, s, mode="ua-limit", attention_mask=mask):
                     lp = ships_mod._log_probs(last_token_logits(model, ids, mask))
                 kl = float(ships_mod.kl_from_logprobs(base, lp)) / a**2
-                assert est[layer, head].item() == pytest.approx(kl, rel=1e-2), (layer, head)
+                assert est[layer, head].item() == pytest.approx(kl, rel=1e-3), (layer, head)
 
 
 def test_refusal_grad_is_the_derivative(arch_lm, tok, rt):
     """The refusal-grad estimate is −∂(refusal log-odds)/∂a at a = 0 (a: the head's ablation
-    strength in UA's ε→0 form): a central finite difference at a = ±1e-2 matches it to 1% of
-    the prompt's largest estimate (measured <= 0.15%)."""
+    strength in UA's ε→0 form): a central finite difference at a = ±1e-4 matches it to 1e-5 of
+    the prompt's largest estimate (measured <= 1.6e-7: the O(a²) term; float64 noise / a ~ 1e-11)."""
     _, model = arch_lm
     est = ships_estimate(model, tok, PROMPTS[1:2], estimator="refusal-grad", refusal_tokens=rt, progress=False)
     assert est.method == "estimate:refusal-grad"
     rtt = torch.tensor(rt)
+    h = 1e-4
     for i, text in enumerate(format_prompts(tok, PROMPTS[1:2])):
         enc = encode_prompts(tok, [text])
         ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -278,30 +306,40 @@ def test_refusal_grad_is_the_derivative(arch_lm, tok, rt):
         for layer in range(3):
             for head in range(4):
                 vals = []
-                for a in (1e-2, -1e-2):
-                    s = heads_to_strength(model, [[(layer, head)]]) * a
+                for a in (h, -h):
+                    s = heads_to_strength(model, [[(layer, head)]]).double() * a
                     with torch.no_grad(), ablate_strengths(model, s, mode="ua-limit", attention_mask=mask):
                         vals.append(float(ships_mod.refusal_logodds(last_token_logits(model, ids, mask), rtt)))
-                fd = -(vals[0] - vals[1]) / 2e-2
-                assert abs(fd - float(est.refusal[i, layer, head])) <= 1e-2 * scale, (i, layer, head)
+                fd = -(vals[0] - vals[1]) / (2 * h)
+                assert abs(fd - float(est.refusal[i, layer, head])) <= 1e-5 * scale, (i, layer, head)
+
+
+#: measured mean per-prompt Spearman of the refusal-grad estimate with the exact refusal score
+#: (float64, seed 0, the 5 PROMPTS)
+REFUSAL_GRAD_MEASURED = {"llama": 0.664, "qwen2": 0.667, "qwen3": 0.670, "gemma3": 0.955, "phi3": 0.646,
+                         "gpt2": 0.667}
 
 
 def test_refusal_grad_sign_agrees_for_top_heads(tok, rt):
     """For each prompt's most refusal-relevant head (largest |exact refusal score|, full UA
-    ablation), the refusal-grad estimate has the same sign in at least 2/3 of the cases pooled
-    over six architectures × 5 prompts (measured 28/30 with seed 0; other seeds 22-25/30).
-    Not asserted per head or per model: a first-order estimate of a full ablation can flip sign
-    where the response is strongly nonlinear (a single model/seed went as low as 2/5)."""
+    ablation), the refusal-grad estimate has the same sign in >= 27 of the 30 cases pooled over
+    six architectures × 5 prompts (measured 28/30 in float64, seed 0; deterministic). And per
+    architecture, its mean per-prompt Spearman with the exact refusal score is at most 0.03 below
+    the measured value (REFUSAL_GRAD_MEASURED: 0.65-0.96). Not asserted per head: a first-order
+    estimate of a full ablation can flip sign where the response is strongly nonlinear (in
+    float32 with other seeds, 22-25/30)."""
     agree, total = 0, 0
     for arch in SHIPS_ARCHS:
-        model = tiny_lm(arch, len(tok))
-        exact = ships(model, tok, PROMPTS, refusal_tokens=rt, batch_size=64, progress=False).refusal.flatten(1)
-        est = ships_estimate(model, tok, PROMPTS, estimator="refusal-grad", refusal_tokens=rt,
-                             progress=False).refusal.flatten(1)
+        model = tiny_lm(arch, len(tok), dtype=F64)
+        exact = exact_scores(arch, model, tok, rt).refusal
+        est = ships_estimate(model, tok, PROMPTS, estimator="refusal-grad", refusal_tokens=rt, progress=False).refusal
+        a = agreement(est, exact, k=3)
+        assert a["spearman_per_prompt"] >= REFUSAL_GRAD_MEASURED[arch] - 0.03, (arch, a)
+        exact, est = exact.flatten(1), est.flatten(1)
         top = exact.abs().argmax(1, keepdim=True)
         agree += int((exact.gather(1, top).sign() == est.gather(1, top).sign()).sum())
         total += top.numel()
-    assert agree >= math.ceil(2 * total / 3), (agree, total)
+    assert total == 30 and agree >= 27, (agree, total)
 
 
 # --------------------------------------------------------------------------- result helpers

@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 import transformers as tf
-from tiny_models import EAGER_ONLY, _configs
+from tiny_models import EAGER_ONLY, _configs, float64_model
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,7 +60,8 @@ def tiny_lm(arch: str, vocab_size: int, *, seed: int = 0, max_positions: int = 1
 
     Same config as :func:`tiny_models.tiny_model` (3 layers × 4 query heads, 2 kv heads), with the
     vocabulary of a real tokenizer and ``max_positions`` positions; biases and norm weights are
-    randomised too so q bias and q norm are not trivial.
+    randomised too so q bias and q norm are not trivial. ``dtype=torch.float64`` gives a model that
+    computes in float64 end to end (:func:`tiny_models.float64_model`), for equivalence tests.
     """
     if arch in EAGER_ONLY:
         attn = "eager"
@@ -75,6 +76,8 @@ def tiny_lm(arch: str, vocab_size: int, *, seed: int = 0, max_positions: int = 1
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+    if dtype == torch.float64:
+        return float64_model(model).eval()
     return model.to(dtype).eval()
 
 

@@ -127,6 +127,16 @@ def _ua_limit(x: torch.Tensor, a: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
 _STRATEGIES = {Mode.UA: _scale, Mode.SC: _scale, Mode.ZERO: _zero, Mode.MEAN: _mean, Mode.UA_LIMIT: _ua_limit}
 
 
+def _sliding_window(attn: nn.Module) -> int | None:
+    """The attention module's sliding window (None: full causal attention).
+
+    Gemma2/3, Qwen2/3 keep it per layer on the module (None on full-attention layers); Mistral,
+    Mixtral and Phi-3 read ``config.sliding_window`` inside their forward and have no attribute."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(getattr(attn, "config", None), "sliding_window", None)
+
+
 @dataclass
 class _Ctx:
     mode: Mode
@@ -176,7 +186,7 @@ class Ablation:
                 raise ValueError(f"mean must be [{g.n_layers}, {g.n_heads}, {g.head_dim}], got {tuple(mean.shape)}")
         self.strength = strength
         self.mode = mode
-        windows = [getattr(a, "sliding_window", None) for a in self.adapter.attns]
+        windows = [_sliding_window(a) for a in self.adapter.attns]
         self.ctx = _Ctx(mode, eps, mean, attention_mask, windows)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 

@@ -93,6 +93,13 @@ def _check_inputs(cfg: RunConfig) -> None:
             load_prompts(cfg.harmless, n=cfg.n_harmless, seed=cfg.seed)
         except DatasetError as e:
             raise click.BadParameter(str(e), param_hint="'--harmless'") from None
+    if cfg.eval_dataset:
+        from .pipeline import load_prompt_sets
+
+        try:
+            load_prompt_sets(cfg)
+        except DatasetError as e:
+            raise click.BadParameter(str(e), param_hint="'--eval-dataset'") from None
     kind, _, rest = cfg.judge.partition(":")
     if kind.strip().lower() == "llm" and rest.strip():
         return  # an LLM judge's model is loaded (and checked) by the evaluation stage
@@ -136,12 +143,13 @@ def app() -> None:
 @app.command()
 @_common
 def run(out, quiet, config_file, **fields) -> None:
-    """The whole study: Ships, Sahara heads, attack success with and without them, report.
+    """The whole study: Ships, Sahara heads, the exact refusal head search, attack success with and without
+    them, report.
 
     With no flags: Qwen2.5-Coder-0.5B-Instruct (embedded) on AdvBench, ≤ 10 min on 2 CPU cores.
     Interrupted runs resume when the same command is run again.
     """
-    path = _execute(("prompts", "ships", "sahara", "evaluate", "report"), out, quiet, config_file, fields)
+    path = _execute(("prompts", "ships", "sahara", "search", "evaluate", "report"), out, quiet, config_file, fields)
     _summary(path)
 
 
@@ -175,7 +183,7 @@ def sahara(out, quiet, config_file, **fields) -> None:
 @_common
 def evaluate(out, quiet, config_file, **fields) -> None:
     """Attack success with and without the safety heads (runs the earlier stages if needed)."""
-    path = _execute(("prompts", "ships", "sahara", "evaluate"), out, quiet, config_file, fields)
+    path = _execute(("prompts", "ships", "sahara", "search", "evaluate"), out, quiet, config_file, fields)
     _summary(path)
 
 
@@ -264,6 +272,18 @@ def _summary(path: Path) -> None:
                        + " ".join(f"L{a}H{b}" for a, b in (c['heads'] if c['heads'] and isinstance(c['heads'][0][0], int) else [])))
         for c in data.get("over_refusal", []):
             click.echo(f"  over-refusal {c['name']:<22} {c['rate']:.2f}  [{c['ci_low']:.2f}, {c['ci_high']:.2f}]")
+        from .evaluation import summary_lines
+
+        lines = summary_lines(data, alpha=float((data.get("stats") or {}).get("alpha", 0.05)))
+        if lines:
+            click.echo("\npaired vs the baseline (same prompts):")
+            for line in lines:
+                click.echo(f"  {line}")
+    for extra in sorted((path / "evaluations").glob("*/evaluation.json")) if (path / "evaluations").is_dir() else []:
+        data = json.loads(extra.read_text())
+        click.echo(f"\n{(data.get('provenance') or {}).get('eval_dataset') or extra.parent.name} "
+                   f"({data.get('n_prompts')} prompts): " + ", ".join(f"{c['name']} {c['asr']:.2f}"
+                                                                    for c in data["conditions"]))
     click.echo(f"\nrun folder: {path}\nreport:     {path / 'report.html'}")
 
 

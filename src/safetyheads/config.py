@@ -31,7 +31,7 @@ PromptFormatName = Literal["chat", "template", "template-sahara", "template-ship
 """The names of :class:`safetyheads.prompts.PromptFormat`."""
 
 
-_UNSET_ABSENT = ("preset", "ships_format", "sahara_format", "eval_format")
+_UNSET_ABSENT = ("preset", "ships_format", "sahara_format", "eval_format", "search", "eval_dataset")
 
 
 class RunConfig(BaseModel):
@@ -51,6 +51,9 @@ class RunConfig(BaseModel):
     n_attribution: int = Field(16, ge=1, description="prompts used to find heads (Ships estimate, Sahara)")
     n_ships_exact: int = Field(1, ge=0, description="of those, prompts scored by the exact Ships sweep (0: skip)")
     n_eval: int = Field(32, ge=1, description="held-out prompts for attack success (disjoint from attribution)")
+    eval_dataset: str | None = Field(
+        None, description="prompts for attack success: a builtin name or file, or several comma-separated (one "
+                          "evaluation each; the first is the main one). None: the held-out split of dataset")
     n_harmless: int = Field(16, ge=0, description="harmless prompts for over-refusal")
     preset: Literal["paper", "chat", "chat-nosys"] | None = Field(
         None, description="named settings (safetyheads.presets) under any field given explicitly")
@@ -67,10 +70,16 @@ class RunConfig(BaseModel):
     sahara_preset: Literal["official", "paper"] = "official"
     prefilter: Literal["estimate", "exact-subset", "none"] = "estimate"
     prefilter_k: int = Field(12, ge=1, description="candidates kept by the prefilter")
+    search: Literal["refusal", "kl", "none"] | None = Field(
+        None, description="objective of the exact greedy head search run beside Sahara (same steps and prefilter; "
+                          "None = 'refusal': the heads whose joint ablation most lowers refusal); 'none' skips it")
     # evaluation
     judge: str = Field("keyword:paper", description="keyword:paper|gcg|jailbreakbench|harmbench, or llm:MODEL")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated per response (paper: 128)")
     random_controls: int = Field(2, ge=0, description="random head sets of the same size, as a control")
+    random_kind: Literal["layer-matched", "uniform"] = Field(
+        "layer-matched", description="random controls: as many heads per layer as the Sahara heads (never those), "
+                                     "or uniform over all other heads")
     batch_size: int = Field(16, ge=1)
     seed: int = 0
 
@@ -92,6 +101,22 @@ class RunConfig(BaseModel):
         if stage not in ("ships", "sahara", "eval"):
             raise ValueError(f"unknown stage {stage!r}; one of 'ships', 'sahara', 'eval'")
         return getattr(self, f"{stage}_format") or self.prompt_format
+
+    @field_validator("eval_dataset")
+    @classmethod
+    def _eval_datasets(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        names = [x.strip() for x in v.split(",")]
+        if not all(names):
+            raise ValueError(f"eval_dataset {v!r}: an empty name in the comma-separated list")
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval_dataset {v!r}: a dataset is named twice")
+        return ",".join(names)
+
+    def eval_datasets(self) -> list[str]:
+        """The evaluation datasets in order (the first is the main evaluation); ``[dataset]`` by default."""
+        return self.eval_dataset.split(",") if self.eval_dataset else [self.dataset]
 
     @field_validator("eps")
     @classmethod

@@ -113,7 +113,7 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """One unablated forward: the residual stream entering every layer, and the last-token logits.
 
     Returns ``(inputs, logits)``: ``inputs[l]`` is ``[batch, pos, d_model]`` entering layer ``l``;
-    ``logits`` is ``[batch, vocab]`` float32 at the last position.
+    ``logits`` is ``[batch, vocab]`` at the last position (see :func:`last_token_logits`).
     """
     layers = get_adapter(model).layers
     inputs: list[torch.Tensor | None] = [None] * len(layers)
@@ -140,14 +140,28 @@ def _model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             "use_cache": False}
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in float64 when it is float64 already (half precisions are widened, float64
+    is never narrowed: a float64 model's scores keep float64 precision, which the equivalence tests need)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def score_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype scores of ``model`` are kept in: float64 for a float64 model, float32 otherwise."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
 def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at the last position (left padding), ``[batch, vocab]`` in float32."""
+    """Next-token logits at the last position (left padding), ``[batch, vocab]`` in float32 (float64 for a
+    float64 model)."""
     out = model(**_model_inputs(model, input_ids, attention_mask), logits_to_keep=1)
-    return out.logits[:, -1].float()
+    return at_least_float32(out.logits[:, -1])
 
 
 def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden state after the final norm at the last position, ``[batch, d_model]``, float32.
+    """Final hidden state after the final norm at the last position, ``[batch, d_model]``, float32
+    (float64 for a float64 model).
 
     Runs the base model only (no unembedding).
     """
@@ -158,4 +172,4 @@ def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask:
         model.base_model(**_model_inputs(model, input_ids, attention_mask))
     finally:
         handle.remove()
-    return got[-1].float()
+    return at_least_float32(got[-1])

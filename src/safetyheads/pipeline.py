@@ -15,7 +15,10 @@ Run folder::
     ships.*                exact Ships on the first n_ships_exact attribution prompts
     ships_agreement.json   estimator vs exact (Spearman, top-10 recall)
     sahara.json            Sahara heads and every step's scores (sahara.ckpt.json while running)
-    evaluation.json        ASR per condition with intervals; responses/*.jsonl
+    heads.json             the headline: {"method", "mode", "eps", "heads": [[layer, head], ...], "signed_effect"}
+    evaluation.json        ASR per condition with intervals and paired statistics vs the baseline; responses/*.jsonl
+    refusal_metric.json    per prompt and condition: refusal-token probability and log-odds (one forward pass)
+    evaluations/<slug>/    with --eval-dataset a,b,…: the evaluation on each further dataset (same files)
     report.html, plots/    the report
     run.log
 """
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +39,12 @@ from .provenance import atomic_write_text, library_versions
 
 log = logging.getLogger("safetyheads")
 
-STAGES = ("prompts", "ships", "sahara", "evaluate", "report")
+STAGES = ("prompts", "ships", "sahara", "search", "evaluate", "report")
+
+HEADLINE_ORDER = ("search-refusal", "refusal-grad", "sahara")
+"""Methods whose heads a run reports as its headline ``heads.json``, most trusted first: the first one
+the run computed is used. Signed refusal methods first: on the embedded model they break refusals on
+held-out prompts where the paper's unsigned scores do not (SPEC §7; bench/results/study.md)."""
 
 
 class RunFolderError(RuntimeError):
@@ -65,6 +72,25 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _data_record(prompts) -> dict[str, Any]:
+    """The provenance of a prompt list: a PromptSet's own record (file sha256, row indices) plus the
+    sha256 of the texts; for a plain list, its size and text sha256."""
+    from .provenance import prompts_digest
+
+    record = prompts.provenance() if callable(getattr(prompts, "provenance", None)) else {"n": len(prompts)}
+    record["sha256"] = prompts_digest(list(prompts))
+    return record
+
+
+def load_prompt_sets(cfg: RunConfig):
+    """``(attribution, [(name, eval PromptSet), …])`` for ``cfg`` (:func:`safetyheads.evaluate.eval_prompt_sets`
+    over ``cfg.eval_datasets()``). Raises DatasetError on bad input."""
+    from .evaluate import eval_prompt_sets
+
+    return eval_prompt_sets(cfg.dataset, cfg.eval_datasets(), n_attribution=cfg.n_attribution, n_eval=cfg.n_eval,
+                            seed=cfg.seed, column=cfg.column)
+
+
 class Run:
     """One study in one folder. ``Run(cfg, out).execute()`` runs (or resumes) every stage."""
 
@@ -87,6 +113,11 @@ class Run:
                     "use another --out folder, or delete this one to start over"
                 )
             log.info("resuming run in %s", self.out)
+            stale = [p for p in self.out.rglob(".*.tmp") if p.is_file()]  # half-written files of a killed run
+            for p in stale:
+                p.unlink(missing_ok=True)
+            if stale:
+                log.info("removed %d temporary files an interrupted run left", len(stale))
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             _json(cfg_path, {"config": self.cfg.model_dump(), "digest": self.cfg.digest(), "versions": library_versions()})
@@ -105,13 +136,18 @@ class Run:
 
     # -- stages ---------------------------------------------------------------
     def stage_prompts(self) -> None:
-        from .datasets import holdout_split, load_prompts
+        from .datasets import load_prompts
 
         c = self.cfg
-        harmful = load_prompts(c.dataset, column=c.column)
-        attribution, evaluation = holdout_split(harmful, c.n_attribution, c.n_eval, seed=c.seed)
+        attribution, eval_sets = load_prompt_sets(c)
+        evaluation = eval_sets[0][1]
         data = {"attribution": list(attribution), "eval": list(evaluation), "harmless": [],
                 "provenance": {"attribution": attribution.provenance(), "eval": evaluation.provenance()}}
+        if c.eval_dataset:  # one evaluation per dataset; the first is "eval" (the main one, at the run's root)
+            from .evaluate import eval_slug
+
+            data["eval_sets"] = [{"name": name, "slug": eval_slug(name), "prompts": list(ps),
+                                  "provenance": ps.provenance()} for name, ps in eval_sets]
         if c.harmless and c.harmless.lower() != "none" and c.n_harmless:
             harmless = load_prompts(c.harmless, n=c.n_harmless, seed=c.seed)
             data["harmless"] = list(harmless)
@@ -121,6 +157,44 @@ class Run:
     @property
     def prompts(self) -> dict:
         return _read(self.out / "prompts.json")
+
+    def prompt_set(self, which: str):
+        """The ``which`` prompts (``"attribution"``, ``"eval"``, ``"harmless"``) as a PromptSet carrying
+        their data provenance (source file sha256, row indices, split history), so every result made
+        from them records it; a plain list if prompts.json has no provenance for them."""
+        from .datasets import PromptSet
+
+        data = self.prompts
+        texts, prov = data[which], data.get("provenance", {}).get(which)
+        if not prov or len(prov.get("indices", [])) != len(texts):
+            return list(texts)
+        return PromptSet(prompts=tuple(texts), name=prov["name"], source=prov["source"],
+                         source_sha256=prov["source_sha256"], indices=tuple(prov["indices"]), split=prov.get("split"),
+                         files=tuple((f["path"], f["sha256"]) for f in prov.get("files", [])),
+                         column=prov.get("column"), history=tuple(prov.get("history", [])))
+
+    def eval_sets(self) -> list[tuple[str, str, Any]]:
+        """``(dataset name, folder slug, prompts)`` of every evaluation; the first is the main one (its
+        results at the run's root), the others go to ``evaluations/<slug>/``."""
+        data = self.prompts
+        if not data.get("eval_sets"):
+            return [(self.cfg.dataset, "", self.prompt_set("eval"))]
+        out = []
+        for i, e in enumerate(data["eval_sets"]):
+            if i == 0:
+                out.append((e["name"], "", self.prompt_set("eval")))
+                continue
+            prov = e.get("provenance") or {}
+            ps: Any = list(e["prompts"])
+            if len(prov.get("indices", [])) == len(ps):
+                from .datasets import PromptSet
+
+                ps = PromptSet(prompts=tuple(ps), name=prov["name"], source=prov["source"],
+                               source_sha256=prov["source_sha256"], indices=tuple(prov["indices"]),
+                               split=prov.get("split"), files=tuple((f["path"], f["sha256"]) for f in prov.get("files", [])),
+                               column=prov.get("column"), history=tuple(prov.get("history", [])))
+            out.append((e["name"], e["slug"], ps))
+        return out
 
     def _refusal_tokens(self) -> list[int] | None:
         path = self.out / "refusal_tokens.json"
@@ -136,13 +210,19 @@ class Run:
             except ValueError as e:  # the model never refuses: no signed score
                 log.warning("no refusal tokens: %s", e)
                 record = {"tokens": None, "reason": str(e)}
+            from .provenance import provenance
+
+            record["provenance"] = provenance(self.model, self.prompt_set("attribution"),
+                                              prompt_format=self.cfg.stage_format("ships"), seed=self.cfg.seed,
+                                              system_prompt=self.cfg.system_prompt, judge=self.cfg.judge,
+                                              derived_by="unablated greedy responses to the attribution prompts")
             _json(path, record)
         return _read(path)["tokens"]
 
     def stage_ships(self) -> None:
         from .ships import ShipsResult, agreement, ships, ships_estimate
 
-        c, P = self.cfg, self.prompts["attribution"]
+        c, P = self.cfg, self.prompt_set("attribution")
         rt = self._refusal_tokens()
         common = dict(mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
                       progress=self.progress)
@@ -151,19 +231,21 @@ class Run:
             if rt is not None:
                 est.refusal = ships_estimate(self.model, self.tokenizer, P, estimator="refusal-grad", refusal_tokens=rt,
                                              batch_size=min(8, c.batch_size), **common).refusal
+                est.provenance["refusal_tokens"] = rt
+                est.provenance["refusal_estimator"] = "refusal-grad"
             est.save(self.out / "ships_estimate")
         if c.n_ships_exact and not (self.out / "ships.json").exists():
             parts_dir = self.out / "ships_parts"
             parts = []
-            for i, prompt in enumerate(P[: c.n_ships_exact]):  # one checkpoint per prompt
+            for i in range(c.n_ships_exact):  # one checkpoint per prompt
                 stem = parts_dir / f"prompt{i:04d}"
                 if not stem.with_suffix(".json").exists():
-                    ships(self.model, self.tokenizer, [prompt], refusal_tokens=rt, **common).save(stem)
+                    ships(self.model, self.tokenizer, P[i:i + 1], refusal_tokens=rt, **common).save(stem)
                 parts.append(ShipsResult.load(stem))
             merged = ShipsResult(torch.cat([p.kl for p in parts]),
                                  None if rt is None else torch.cat([p.refusal for p in parts]),
                                  [p.prompts[0] for p in parts], "exact", parts[0].provenance)
-            merged.provenance["data"] = {"n": len(parts), "from": "attribution prompts"}
+            merged.provenance["data"] = _data_record(P[: len(parts)])
             est = ShipsResult.load(self.out / "ships_estimate")
             agree = {"kl_fisher": agreement(est.kl[: len(parts)], merged.kl)}
             if rt is not None:
@@ -181,16 +263,136 @@ class Run:
         # unless Sahara reads another prompt format (the paper preset), where Sahara estimates on its own
         same_format = c.stage_format("sahara") == c.stage_format("ships")
         est = ShipsResult.load(self.out / "ships_estimate").mean("kl") if same_format else None
-        res = sahara(self.model, self.tokenizer, self.prompts["attribution"], steps=c.steps, mode=c.mode, eps=c.eps,
+        res = sahara(self.model, self.tokenizer, self.prompt_set("attribution"), steps=c.steps, mode=c.mode, eps=c.eps,
                      preset=c.sahara_preset, prompt_format=c.stage_format("sahara"), system_prompt=c.system_prompt,
                      prefilter=None if c.prefilter == "none" else c.prefilter, prefilter_k=c.prefilter_k,
-                     prefilter_scores=est, batch_size=c.batch_size, checkpoint=self.out / "sahara.ckpt.json", progress=self.progress)
+                     prefilter_scores=est, refusal_tokens=self._refusal_tokens(), batch_size=c.batch_size,
+                     checkpoint=self.out / "sahara.ckpt.json", progress=self.progress)
         res.save(self.out / "sahara.json")
         (self.out / "sahara.ckpt.json").unlink(missing_ok=True)
+        self._write_headline()
+
+    @property
+    def search_objective(self) -> str | None:
+        """The objective of the exact head search (None: not run)."""
+        obj = self.cfg.search or "refusal"
+        return None if obj == "none" else obj
+
+    def stage_search(self) -> None:
+        """The exact greedy head search (:func:`safetyheads.search.search_heads`) on ``cfg.search``, with
+        Sahara's steps and prefilter (for ``"refusal"`` the refusal-gradient estimate of the ships stage is
+        the ``estimate`` prefilter); then the per-head tables of every method's heads."""
+        from .search import search_heads
+        from .ships import ShipsResult
+
+        c, obj = self.cfg, self.search_objective
+        rt = self._refusal_tokens()
+        if obj is not None and obj == "refusal" and rt is None:
+            log.warning("search: the model never refused the attribution prompts, no refusal objective; skipped")
+        elif obj is not None and not (self.out / "search.json").exists():
+            scores = None  # the ships stage's estimate on the same prompts and format is the "estimate" prefilter
+            if c.prefilter == "estimate":
+                est = ShipsResult.load(self.out / "ships_estimate")
+                scores = est.mean("kl") if obj == "kl" else est.refusal.nanmean(0) if est.refusal is not None else None
+            res = search_heads(self.model, self.tokenizer, self.prompt_set("attribution"), objective=obj, steps=c.steps,
+                               mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"),
+                               system_prompt=c.system_prompt, prefilter=None if c.prefilter == "none" else c.prefilter,
+                               prefilter_k=c.prefilter_k, prefilter_scores=scores,
+                               refusal_tokens=rt, batch_size=c.batch_size, checkpoint=self.out / "search.ckpt.json",
+                               progress=self.progress)
+            res.save(self.out / "search.json")
+            (self.out / "search.ckpt.json").unlink(missing_ok=True)
+            (self.out / "heads.json").unlink(missing_ok=True)  # the search's heads may now head the list
+            self._write_headline()
+        self._write_head_tables()
+
+    def _write_head_tables(self) -> None:
+        """``signed_effects.json``: every head of every reported head set (each harmful-prompt condition, the
+        random controls included) with its exact signed effect on refusal (mean drop of the refusal log-odds
+        over the attribution prompts when it alone is ablated; one forward per head per prompt batch).
+        ``disagreement.json``: the methods' heads side by side with KL-Ships, signed drop, Sahara angle,
+        refusal-direction projection and attention on the first token (:mod:`safetyheads.disagreement`).
+        Both on the attribution prompts in the Ships stage's format; each written once."""
+        if self.model is None:
+            return
+        from .sahara import PRESETS, SaharaResult
+        from .search import signed_effects
+
+        c = self.cfg
+        rt = self._refusal_tokens()
+        conds, _ = self.conditions()
+        attr = self.prompt_set("attribution")
+        fmt = dict(mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt)
+        spath = self.out / "signed_effects.json"
+        if rt is not None and not spath.exists():
+            heads = sorted({tuple(h) for cond in conds for h in cond["heads"]})
+            eff = signed_effects(self.model, self.tokenizer, attr, heads, refusal_tokens=rt, batch_size=c.batch_size,
+                                 **fmt)
+            _json(spath, {"meaning": "mean drop of the refusal log-odds over the attribution prompts when the head "
+                                     "alone is ablated (> 0: the head holds refusal up; < 0: its ablation raises "
+                                     "refusal)", **fmt, "refusal_tokens": rt, "n_prompts": len(attr),
+                          "heads": [[layer, h, eff[(layer, h)]] for layer, h in heads],
+                          "conditions": {cond["name"]: [[layer, h, eff[(layer, h)]] for layer, h in cond["heads"]]
+                                         for cond in conds if cond["heads"]}})
+        dpath = self.out / "disagreement.json"
+        if dpath.exists():
+            return
+        from .disagreement import disagreement
+
+        methods = {cond["method"].split(" ")[0]: [tuple(h) for h in cond["heads"]] for cond in conds
+                   if cond["k"] == c.steps and cond["method"] not in ("baseline", "random")}
+        direction = None
+        if self.prompts.get("harmless") and len(self.prompts["harmless"]) >= 2 and len(attr) >= 2:
+            from .refusal_direction import refusal_direction
+
+            direction = refusal_direction(self.model, self.tokenizer, attr, self.prompt_set("harmless"),
+                                          prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
+                                          batch_size=c.batch_size)
+            methods["refusal-dir"] = direction.top_heads(c.steps)
+        signed = None
+        if spath.exists():
+            signed = {(layer, h): v for layer, h, v in _read(spath)["heads"]}
+        sah = SaharaResult.load(self.out / "sahara.json")
+        same = c.stage_format("sahara") == c.stage_format("ships")
+        preset = PRESETS[c.sahara_preset]
+        d = disagreement(self.model, self.tokenizer, attr, methods, refusal_tokens=rt, refusal_drop=signed,
+                         sahara_angle=sah.steps[0].scores if same and sah.steps else None, rank=preset["rank"],
+                         center=preset["center"], direction=direction, batch_size=c.batch_size, **fmt)
+        d.save(dpath)
+
+    def _write_headline(self) -> None:
+        """``heads.json``: the headline safety heads (first method of :data:`HEADLINE_ORDER` this run has),
+        in order, with each head's exact signed effect on refusal (mean drop of the refusal log-odds over
+        the attribution prompts when it alone is ablated; None when the model never refuses)."""
+        path = self.out / "heads.json"
+        if path.exists():
+            return
+        c = self.cfg
+        conds, _ = self.conditions()
+        found = {cond["method"].split(" ")[0]: cond for cond in conds if cond["k"] == c.steps}
+        method = next((m for m in HEADLINE_ORDER if m in found), None)
+        if method is None:
+            return
+        heads = [tuple(h) for h in found[method]["heads"]]
+        rt = self._refusal_tokens()
+        signed: list[float | None] = [None] * len(heads)
+        if rt is not None:  # the exact sweep restricted to these heads: one forward per head per prompt
+            from .ships import ships
+
+            res = ships(self.model, self.tokenizer, self.prompts["attribution"], heads=heads, refusal_tokens=rt,
+                        mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
+                        progress=False)
+            mean = res.mean("refusal")
+            signed = [float(mean[h]) for h in heads]
+        _json(path, {"method": method, "mode": c.mode, "eps": c.eps, "heads": [list(h) for h in heads],
+                     "signed_effect": signed,
+                     "signed_effect_meaning": "mean drop of the refusal log-odds over the attribution prompts when "
+                                              "the head alone is ablated (> 0: the head holds refusal up)",
+                     "why": f"first of {list(HEADLINE_ORDER)} computed by this run",
+                     "others": {m: cond["heads"] for m, cond in found.items() if m != method}})
 
     def conditions(self) -> tuple[list[dict], list[dict]]:
         """The harmful-prompt conditions and the harmless (over-refusal) ones."""
-        from .adapters import head_geometry
         from .sahara import SaharaResult
         from .ships import ShipsResult
 
@@ -204,17 +406,26 @@ class Run:
         ships_stem = self.out / ("ships" if (self.out / "ships.json").exists() else "ships_estimate")
         sr = ShipsResult.load(ships_stem)
         conds.append({"name": f"ships-kl-top{k}", "method": f"ships-kl ({sr.method})", "k": k, "heads": sr.dataset_top(k)})
+        if (self.out / "search.json").exists():
+            from .search import SearchResult
+
+            found_res = SearchResult.load(self.out / "search.json")
+            found, obj = [tuple(h) for h in found_res.heads], found_res.config["objective"]
+            conds.append({"name": f"search-{obj}-top{k}", "method": f"search-{obj}", "k": len(found[:k]),
+                          "heads": found[:k]})
+            if k > 1 and found:
+                conds.append({"name": f"search-{obj}-top1", "method": f"search-{obj}", "k": 1, "heads": found[:1]})
         est = ShipsResult.load(self.out / "ships_estimate")
         if est.refusal is not None:
             conds.append({"name": f"refusal-top{k}", "method": "refusal-grad", "k": k,
                           "heads": est.dataset_top(k, metric="refusal")})
-        g = head_geometry(self.model)
-        everything = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
-        pool = [h for h in everything if h not in set(safety)]
-        for i in range(c.random_controls):
-            rng = random.Random(c.seed * 1000 + i)
-            conds.append({"name": f"random{i}-top{k}", "method": "random", "k": k, "seed": c.seed * 1000 + i,
-                          "heads": sorted(rng.sample(pool, k))})
+        from .evaluate import random_control, random_control_seed
+
+        for i in range(c.random_controls):  # controls of the Sahara heads: layer-matched unless asked otherwise
+            seed = random_control_seed(c.seed, i)
+            conds.append({"name": f"random{i}-top{k}", "method": "random", "k": k, "seed": seed,
+                          "control_for": f"sahara-top{k}",
+                          "heads": random_control(self.model, safety, kind=c.random_kind, seed=seed)})
         harmless = [{"name": "harmless-baseline", "method": "baseline", "k": 0, "heads": []},
                     {"name": f"harmless-sahara-top{k}", "method": "sahara", "k": k, "heads": safety}]
         for cond in conds + harmless:
@@ -227,24 +438,45 @@ class Run:
         c = self.cfg
         conds, harmless = self.conditions()
         P = self.prompts
-        evaluate_conditions(self.model, self.tokenizer, P["eval"], conds, out_dir=self.out, harmless=P["harmless"] or None,
-                            harmless_conditions=harmless if P["harmless"] else None, mode=c.mode, eps=c.eps,
-                            judge=c.judge, prompt_format=c.stage_format("eval"), system_prompt=c.system_prompt,
-                            max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, progress=self.progress)
+        for i, (name, slug, harmful) in enumerate(self.eval_sets()):  # the main one (harmless prompts too) first
+            out = self.out if i == 0 else self.out / "evaluations" / slug
+            if i and (out / "evaluation.json").exists():
+                continue
+            log.info("evaluation on %s (%d prompts) → %s", name, len(harmful), out)
+            ev = evaluate_conditions(self.model, self.tokenizer, harmful, conds, out_dir=out,
+                                     harmless=self.prompt_set("harmless") if P["harmless"] and not i else None,
+                                     harmless_conditions=harmless if P["harmless"] and not i else None, mode=c.mode,
+                                     eps=c.eps, judge=c.judge, prompt_format=c.stage_format("eval"),
+                                     system_prompt=c.system_prompt, max_new_tokens=c.max_new_tokens,
+                                     batch_size=c.batch_size, seed=c.seed, progress=self.progress,
+                                     refusal_tokens=self._refusal_tokens(), random_kind=c.random_kind)
+            ev.provenance["eval_dataset"] = name
+            if "indices" not in ev.provenance.get("data", {}):  # evaluate_conditions keeps only the texts' sha256
+                ev.provenance["data"] = _data_record(harmful)
+            ev.save(out, responses=False, metric=False)
 
     def stage_report(self) -> None:
         from .report import write_report
+
+        if (self.out / "sahara.json").exists():
+            self._write_headline()  # run folders made before heads.json existed
+            self._write_head_tables()  # … or before signed_effects.json / disagreement.json
 
         write_report(self.out)
 
     # -- driver ---------------------------------------------------------------
     _ARTIFACT = {"prompts": "prompts.json", "ships": "ships_estimate.json", "sahara": "sahara.json",
-                 "evaluate": "evaluation.json", "report": "report.html"}
+                 "search": "search.json", "evaluate": "evaluation.json", "report": "report.html"}
 
     def done(self, stage: str) -> bool:
+        if stage == "search" and self.search_objective is None:
+            return (self.out / "disagreement.json").exists()
         if stage == "ships":
             return (self.out / "ships_estimate.json").exists() and (
                 not self.cfg.n_ships_exact or (self.out / "ships.json").exists())
+        if stage == "evaluate" and self.cfg.eval_dataset and (self.out / "prompts.json").exists():
+            return all((self.out / "evaluations" / slug if slug else self.out).joinpath("evaluation.json").exists()
+                       for _, slug, _ in self.eval_sets())
         return (self.out / self._ARTIFACT[stage]).exists()
 
     def execute(self, stages: tuple[str, ...] = STAGES) -> Path:

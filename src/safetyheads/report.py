@@ -43,7 +43,11 @@ class RunData:
     ships: Any = None  # ShipsResult (exact)
     ships_estimate: Any = None  # ShipsResult (estimate)
     sahara: Any = None  # SaharaResult
+    search: Any = None  # SearchResult (exact greedy head search)
+    signed: dict | None = None  # signed_effects.json
+    disagreement: dict | None = None  # disagreement.json
     evaluation: dict | None = None
+    extra_evaluations: dict = field(default_factory=dict)  # evaluations/<slug>/evaluation.json by slug
     agreement: dict | None = None
     prompts: dict | None = None
     refusal_tokens: dict | None = None
@@ -173,7 +177,17 @@ def load_run(run_dir: str | Path) -> RunData:
     run.ships = _read(run, "ships.json", ships_loader)
     run.ships_estimate = _read(run, "ships_estimate.json", ships_loader)
     run.sahara = _read(run, "sahara.json", SaharaResult.load)
+    from .search import SearchResult
+
+    run.search = _read(run, "search.json", SearchResult.load)
+    run.signed = _read(run, "signed_effects.json", _json_file)
+    run.disagreement = _read(run, "disagreement.json", _json_file)
     run.evaluation = _read(run, "evaluation.json", _json_file)
+    if (path / "evaluations").is_dir():  # --eval-dataset a,b: one evaluation per further dataset
+        for sub in sorted(p for p in (path / "evaluations").iterdir() if (p / "evaluation.json").exists()):
+            got = _read(run, f"evaluations/{sub.name}/evaluation.json", _json_file)
+            if got is not None:
+                run.extra_evaluations[sub.name] = got
     run.agreement = _read(run, "ships_agreement.json", _json_file)
     run.prompts = _read(run, "prompts.json", _json_file)
     run.refusal_tokens = _read(run, "refusal_tokens.json", _json_file)
@@ -363,6 +377,98 @@ def _delta(v: Any, base: float | None) -> str:
     return f'<span class="{cls}">{d:+.2f}</span>'
 
 
+def _p(v: Any) -> str:
+    try:
+        p = float(v)
+    except (TypeError, ValueError):
+        return "—"
+    return f"{p:.1e}" if p < 1e-4 else (f"{p:.2g}" if p < 0.1 else f"{p:.2f}")
+
+
+def _stats_findings(ev: dict | None) -> list[str]:
+    """Findings in words from an evaluation's paired statistics: which effects are significant at n, each head
+    set's rank among its random controls, and how well the refusal metric agrees with the judge."""
+    from .evaluation import summary_lines
+
+    if not isinstance(ev, dict):
+        return []
+    out = []
+    st = ev.get("stats") or {}
+    lines = summary_lines(ev, alpha=float(st.get("alpha", 0.05)))
+    if lines:
+        out.append(f"Every condition vs the baseline on the same {esc(ev.get('n_prompts'))} prompts (ASR: exact McNemar; "
+                   "refusal log-odds: Wilcoxon signed-rank; paired bootstrap 95 % intervals; significance at "
+                   f"α = {esc(st.get('alpha', 0.05))} unadjusted, Holm-adjusted p given):"
+                   "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>")
+    agree = ((ev.get("refusal_metric") or {}).get("agreement") or {}).get("all_conditions")
+    if agree and agree.get("auroc") is not None:
+        r = agree.get("point_biserial_r")
+        out.append(f"Refusal metric (one forward pass, no generation) vs the judged refusal of the generated answer, "
+                   f"per prompt over all conditions (n = {agree['n']}, {agree['n_refused']} refused): AUROC "
+                   f"<b>{agree['auroc']:.2f}</b>" + (f", point-biserial r = {r:.2f}" if r is not None else "") + ".")
+    return out
+
+
+def _paired_cells(c: dict) -> list[str]:
+    """The paired-statistics cells of a condition row (empty for the baseline / older runs)."""
+    paired = c.get("paired") or {}
+    pa, pl = paired.get("asr"), paired.get("refusal_log_odds")
+    metric = c.get("refusal_metric") or {}
+    cells = ["—", "—", "—"]
+    if pa:
+        holm = f" ({_p(pa['p_holm'])})" if pa.get("p_holm") is not None else ""
+        cells = [f"[{float(pa['ci'][0]):+.2f}, {float(pa['ci'][1]):+.2f}]", f"{_p(pa['p_value'])}{holm}",
+                 f"{esc(pa.get('flipped_to_success'))}/{esc(pa.get('flipped_to_refusal'))}"]
+    cells.append(_num(metric.get("mean_log_odds")) if metric else "—")
+    cells.append(f"{float(pl['diff']):+.2f} [{float(pl['ci'][0]):+.2f}, {float(pl['ci'][1]):+.2f}], p = {_p(pl['p_value'])}"
+                 if pl else "—")
+    return cells
+
+
+def _controls_table(ev: dict) -> str:
+    """Each head set against its random controls: rank and the controls' spread."""
+    rows = []
+    for ctl in ev.get("controls") or []:
+        for key, label in (("asr", "ASR"), ("refusal_log_odds", "refusal log-odds (lower = stronger)")):
+            r = ctl.get(key)
+            if r:
+                rows.append([esc(ctl.get("condition")), esc(label), _num(r["value"]), f"{r['rank']} of {r['n']}",
+                             f"{_num(r['min'])} / {_num(r['median'])} / {_num(r['max'])}", _p(r["p_empirical"]),
+                             esc(", ".join(ctl.get("controls", [])))])
+    if not rows:
+        return ""
+    kind = (ev.get("stats") or {}).get("random_controls") or "random"
+    return (f"<h3>Head sets vs their random controls ({esc(kind)})</h3>"
+            + _num_table(["head set", "measure", "value", "rank (1 = strongest)", "controls min / median / max",
+                          "permutation p", "controls"], rows, numeric={2, 3, 4, 5})
+            + '<p class="muted">Permutation p = (1 + controls at least as strong) / (1 + controls): with few draws it '
+              "cannot be small (2 draws: ≥ 1/3).</p>")
+
+
+def _transfer(run: RunData) -> str:
+    """The evaluations on further datasets (``--eval-dataset a,b``): ASR and paired tests per condition."""
+    extra = getattr(run, "extra_evaluations", None) or {}
+    if not extra:
+        return ""
+    out = ["<h3>Transfer: the same heads on other held-out datasets</h3>"]
+    for slug, ev in extra.items():
+        name = (ev.get("provenance") or {}).get("eval_dataset") or slug
+        conds = ev.get("conditions") or []
+        base = _baseline(conds)
+        b = float(base["asr"]) if base is not None and base.get("asr") is not None else None
+        rows = [[f"{_dot(_category(c))}{esc(c.get('name'))}", f"<b>{_num(c.get('asr'))}</b>",
+                 f"[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}]", esc(c.get("n")),
+                 _delta(c.get("asr"), b) if _category(c) != "baseline" else "—", *_paired_cells(c)] for c in conds]
+        out.append(f"<h4>{esc(name)} ({esc(ev.get('n_prompts'))} prompts; <code>evaluations/{esc(slug)}/</code>)</h4>")
+        out.append(_num_table(["condition", "ASR", "95 % CI", "n", "Δ vs baseline", "paired 95 % CI of Δ",
+                               "McNemar p (Holm)", "flips ↑/↓", "refusal log-odds", "Δ log-odds [95 % CI], Wilcoxon p"],
+                              rows, numeric={1, 2, 3, 4, 5, 6, 7, 8, 9}))
+        lines = _stats_findings(ev)
+        if lines:
+            out.append('<div class="findings"><ul>' + "".join(f"<li>{x}</li>" for x in lines) + "</ul></div>")
+    return "".join(out)
+
+
 def section_summary(run: RunData, plots_dir: Path) -> str:
     from .plots import CATEGORY_COLORS, asr_bars
 
@@ -390,17 +496,18 @@ def section_summary(run: RunData, plots_dir: Path) -> str:
                     f"[{_num(base.get('ci_low'))}, {_num(base.get('ci_high'))}] → <b>{_num(main.get('asr'))}</b> "
                     f"[{_num(main.get('ci_low'))}, {_num(main.get('ci_high'))}] with {esc(main.get('name'))} ablated "
                     f"({esc(fmt_heads(main.get('heads')))}), change {_delta(main.get('asr'), float(base['asr']))}")
-            try:
-                if float(main["ci_low"]) > float(base["ci_high"]):
-                    text += "; the 95 % intervals do not overlap"
-                else:
-                    text += "; the 95 % intervals overlap"
-            except (KeyError, TypeError, ValueError):
-                pass
+            pa = (main.get("paired") or {}).get("asr")
+            if pa:  # paired on the same prompts: exact McNemar, bootstrap interval of the difference
+                sig = "significant" if float(pa["p_value"]) < float((ev.get("stats") or {}).get("alpha", 0.05)) \
+                    else "not significant"
+                text += (f"; paired 95 % CI [{float(pa['ci'][0]):+.2f}, {float(pa['ci'][1]):+.2f}], McNemar "
+                         f"p = {_p(pa['p_value'])}, {pa['flipped_to_success']} prompts flipped to compliance and "
+                         f"{pa['flipped_to_refusal']} to refusal, n = {pa['n']} — <b>{sig}</b>")
             findings.append(text + ".")
         if rnd:
             findings.append("Random heads of the same size (control): " + ", ".join(
                 f"{esc(c.get('name'))} {_num(c.get('asr'))}" for c in rnd))
+        findings += _stats_findings(ev)
         ob, om = _baseline(over), _main_ablated(over)
         if ob is not None and om is not None:
             findings.append(f"Over-refusal on harmless prompts: {_num(ob.get('rate'))} → {_num(om.get('rate'))} "
@@ -433,11 +540,21 @@ def section_summary(run: RunData, plots_dir: Path) -> str:
                          f'<b>{_num(c.get("asr"))}</b>',
                          f'[{_num(c.get("ci_low"))}, {_num(c.get("ci_high"))}]',
                          esc(c.get("n")), _delta(c.get("asr"), b) if cat != "baseline" else "—",
+                         *_paired_cells(c),
                          _bar_cell(c.get("asr"), c.get("ci_low"), c.get("ci_high"), CATEGORY_COLORS[cat])])
-        parts.append(_num_table(["condition", "method", "k", "heads ablated", "ASR", "95 % CI", "n", "Δ vs baseline", ""],
-                                rows, numeric={4, 5, 6, 7}))
+        parts.append(_num_table(["condition", "method", "k", "heads ablated", "ASR", "95 % CI", "n", "Δ vs baseline",
+                                 "paired 95 % CI of Δ", "McNemar p (Holm)", "flips ↑/↓", "refusal log-odds",
+                                 "Δ log-odds [95 % CI], Wilcoxon p", ""],
+                                rows, numeric={4, 5, 6, 7, 8, 9, 10, 11, 12}))
+        parts.append('<p class="muted">Paired on the same prompts: flips ↑ = refused at baseline, complied under the '
+                     "condition; ↓ = the reverse. Refusal log-odds: log P(refusal tokens) − log P(other tokens) at the "
+                     "first answer position (mean over prompts; lower = less refusal), read off the generation's "
+                     "prefill. The verdicts follow the exact tests; with few flipped prompts the percentile bootstrap "
+                     "interval can exclude 0 while McNemar's exact p does not reach α.</p>")
+        parts.append(_controls_table(ev))
     else:
         parts.append(not_run("ASR conditions", "evaluation.json lists none"))
+    parts.append(_transfer(run))
     if over:
         parts.append("<h3>Over-refusal on harmless prompts (refusal rate; lower is better)</h3>")
         ob = _baseline(over)
@@ -574,10 +691,12 @@ def section_sahara(run: RunData, plots_dir: Path) -> str:
         runner = next(((h, v) for h, v in ranked if tuple(h) != tuple(st.chosen)), None)
         rows.append([str(i), f"<b>{_fmt_head(st.chosen)}</b>", _g(st.score),
                      f"{_fmt_head(runner[0])} ({_g(runner[1])})" if runner else "—",
-                     _g(st.score - runner[1]) if runner else "—", str(len(st.scores))])
+                     _g(st.score - runner[1]) if runner else "—", str(len(st.scores)),
+                     _signed_cell(signed_of(run, st.chosen, s))])
     out.append("<h3>Steps</h3>")
-    out.append(_num_table(["step", "head added", "score of G", "runner-up", "margin", "candidates scored"], rows,
-                          numeric={2, 4, 5}))
+    out.append(_num_table(["step", "head added", "score of G", "runner-up", "margin", "candidates scored",
+                           "signed effect alone"], rows, numeric={2, 4, 5, 6}))
+    out.append(f"<p>{SIGNED_NOTE}</p>")
     grid = run.grid
     if grid is None:
         out.append('<p class="error">Cannot draw the step heatmaps: the head grid is unknown.</p>')
@@ -696,6 +815,89 @@ def section_config(run: RunData) -> str:
 # --------------------------------------------------------------------------- assembly
 
 
+SIGNED_NOTE = ("Signed effect alone: the mean drop of the refusal log-odds over the attribution prompts when the "
+               "head alone is ablated (exact). &gt; 0: the head holds refusal up; ▲ (&lt; 0): ablating it "
+               "<b>raises</b> refusal — an unsigned score (KL, subspace angle) cannot tell the two apart.")
+
+
+def signed_of(run: RunData, head, result: Any = None) -> float | None:
+    """A head's exact signed effect on refusal from ``result.signed`` or ``signed_effects.json``; None if unknown."""
+    h = tuple(head)
+    signed = getattr(result, "signed", None)
+    if signed and h in signed:
+        return signed[h]
+    for layer, hd, v in (run.signed or {}).get("heads", []):
+        if (layer, hd) == h:
+            return v
+    return None
+
+
+def _signed_cell(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f'<b title="ablating it raises refusal">▲ {v:+.3f}</b>' if v < 0 else f"{v:+.3f}"
+
+
+def _signed_heads(run: RunData, heads: Any) -> str:
+    """``L10H7 (+0.41), ▲ L10H11 (−0.22)``: heads with their signed effects."""
+    parts = []
+    for h in heads:
+        v = signed_of(run, h)
+        mark = "▲ " if v is not None and v < 0 else ""
+        parts.append(f"{mark}{_fmt_head(h)}" + ("" if v is None else f" ({v:+.2f})"))
+    return esc(", ".join(parts)) if parts else "—"
+
+
+def section_heads(run: RunData) -> str:
+    """Every method's heads with their signed effects, the exact head search, and why methods disagree."""
+    out = []
+    conds = (run.signed or {}).get("conditions")
+    if conds:
+        rows = [[esc(name), _signed_heads(run, [(a, b) for a, b, _ in hs])] for name, hs in conds.items()]
+        out.append("<h3>Signed effects of every reported head set</h3>")
+        out.append(table(["condition", "heads (signed effect alone; ▲ = ablation raises refusal)"], rows))
+        out.append(f"<p>{SIGNED_NOTE}</p>")
+    s = run.search
+    if s is not None:
+        cfg = s.config or {}
+        out.append(f"<h3>Exact greedy head search: objective <code>{esc(cfg.get('objective'))}</code></h3>")
+        out.append("<p>At each step every candidate head is added to the heads chosen so far and the group is "
+                   "scored by real ablated forward passes over the attribution prompts (objective "
+                   "<code>refusal</code>: the mean drop of the refusal log-odds); the best joins.</p>")
+        rows = [[str(i), f"<b>{_fmt_head(st.chosen)}</b>", _g(st.score), _signed_cell(signed_of(run, st.chosen, s)),
+                 str(len(st.scores))] for i, st in enumerate(s.steps, 1)]
+        out.append(_num_table(["step", "head added", "score of the group", "signed effect alone", "candidates scored"],
+                              rows, numeric={2, 3, 4}))
+        if cfg.get("stopped"):
+            out.append(f"<p>Stopped early: {esc(cfg['stopped'].get('reason'))}</p>")
+    d = run.disagreement
+    if d:
+        methods = list(d.get("methods", {}))
+        heads = ["head", *[esc(m) for m in methods], "KL-Ships", "signed refusal drop", "Sahara angle",
+                 "refusal-direction projection", "attention on 1st token"]
+        rows = []
+        for r in d.get("rows", []):
+            mark = "▲ " if r.get("raises_refusal") else ""
+            rows.append([f"{mark}{_fmt_head(r['head'])}", *[str(r["methods"].get(m, "")) for m in methods],
+                         _g(r.get("kl_ships")) if r.get("kl_ships") is not None else "—",
+                         _signed_cell(r.get("refusal_drop")),
+                         _g(r.get("sahara_angle")) if r.get("sahara_angle") is not None else "—",
+                         _g(r.get("direction_projection")) if r.get("direction_projection") is not None else "—",
+                         _num(r.get("first_token_attention"))])
+        n = len(methods)
+        out.append("<h3>Why the methods disagree, per head</h3>")
+        out.append("<p>One row per head of every method's top heads (the number: its rank in that method). Each "
+                   "column over the attribution prompts, the head ablated alone: mean Ships (KL, unsigned), the signed "
+                   "refusal drop, Sahara's generalized Ships (rad, unsigned), its direct write onto the "
+                   "difference-of-means refusal direction, and its attention weight on the first token at the last "
+                   "position (near 1: an attention sink). A large KL or angle with a signed drop near 0 or below "
+                   "marks a head that moves the output without holding refusal up.</p>")
+        out.append(_num_table(heads, rows, numeric=set(range(n + 1, n + 6))))
+    if not out:
+        return not_run("Signed effects", "no signed_effects.json, search.json or disagreement.json in this run folder")
+    return "".join(out)
+
+
 def _guarded(name: str, fn: Callable[[], str]) -> str:
     try:
         return fn()
@@ -724,6 +926,8 @@ def render_report(run: RunData, plots_dir: Path) -> str:
         ("summary", "Results summary", _guarded("summary", lambda: section_summary(run, plots_dir))),
         ("ships", "Ships: per-query head importance", _guarded("ships", lambda: section_ships(run, plots_dir))),
         ("sahara", "Sahara: safety heads of the dataset", _guarded("sahara", lambda: section_sahara(run, plots_dir))),
+        ("heads", "Signed effects, head search, why methods disagree",
+         _guarded("heads", lambda: section_heads(run))),
         ("responses", "Sample responses", _guarded("responses", lambda: section_responses(run))),
         ("config", "Configuration and provenance", _guarded("config", lambda: section_config(run))),
     ]

@@ -30,9 +30,18 @@ from tqdm.auto import tqdm
 
 from .ablation import Head, Mode, ablate, ablate_strengths, check_eps, head_means, heads_to_strength
 from .adapters import get_adapter, validate_heads
-from .forward import input_device, last_token_logits, layer_inputs, position_ids_from_mask, reuse_residual
+from .forward import (
+    at_least_float32,
+    input_device,
+    last_token_logits,
+    layer_inputs,
+    position_ids_from_mask,
+    reuse_residual,
+    score_dtype,
+)
 from .prompts import encode_prompts, format_prompts
 from .provenance import load_tensors_json, model_record, provenance, save_tensors_json
+from .shards import as_shard, unit_cost
 
 METRICS = ("kl", "refusal")
 
@@ -45,7 +54,8 @@ class ShipsResult:
     """Per-prompt head scores.
 
     Attributes:
-        kl: ``[n_prompts, n_layers, n_heads]`` KL(unablated ‖ ablated), float32; NaN for heads not scored.
+        kl: ``[n_prompts, n_layers, n_heads]`` KL(unablated ‖ ablated), float32 (float64 for a float64
+            model); NaN for heads not scored.
         refusal: same shape, drop of the refusal log-odds under the ablation, or None.
         prompts: the queries (unformatted).
         method: ``"exact"``, ``"naive"`` or ``"estimate:<estimator>"``.
@@ -211,7 +221,7 @@ def ships(
         refusal_tokens: token ids that start a refusal; if given, the signed refusal score too.
         method: ``"exact"`` (fast) or ``"naive"`` (reference: one head per full forward).
         mean: for ``mode="mean"``, the head means (default: computed over ``prompts``).
-        shard: share the work with other processes (see :mod:`safetyheads.distributed`). The work
+        shard: share the work with other processes (see :mod:`safetyheads.shards`). The work
             is cut into units — one prompt × one batch of heads, exactly the forward passes of a
             single-process run, so every score is computed the same way wherever it runs — and
             ``shard.select`` picks this process's units, ``shard.record`` receives each finished one,
@@ -230,13 +240,11 @@ def ships(
     if mode is Mode.MEAN and mean is None:
         mean = _means_over(model, encoded)
     bs = batch_size or _default_batch_size(model)
-    kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan)
+    kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan, dtype=score_dtype(model))
     refusal = torch.full_like(kl, math.nan) if rt is not None else None
     chunks = _chunks(todo, 1 if method == "naive" else bs)
     mine: set | None = None
     if shard is not None:
-        from .distributed import as_shard, unit_cost
-
         shard = as_shard(shard)
         units = [((i, c), unit_cost(ids.shape[1], chunk, g.n_layers, method))
                  for i, ids in enumerate(encoded) for c, chunk in enumerate(chunks)]
@@ -328,12 +336,12 @@ def _sweep_exact(model, ids, chunks, mode, eps, mean, rt, only=None) -> Iterator
 def _sweep_naive(model, ids, chunks, mode, eps, mean, rt, only=None) -> Iterator:
     """The paper's loop: one full forward (all positions' logits) per head, batch 1 (chunks of one head)."""
     ids = ids.to(input_device(model))
-    base_logits = model(input_ids=ids).logits[:, -1].float()
+    base_logits = at_least_float32(model(input_ids=ids).logits[:, -1])
     for c, chunk in enumerate(chunks):
         if only is not None and c not in only:
             continue
         with ablate(model, chunk, mode=mode, eps=eps, mean=mean):
-            logits = model(input_ids=ids).logits[:, -1].float()
+            logits = at_least_float32(model(input_ids=ids).logits[:, -1])
         kl, ref = _scores(base_logits, logits, rt)
         yield c, kl, ref
 
@@ -444,7 +452,7 @@ def ships_estimate(
         raise ValueError("no prompts given")
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
     g = get_adapter(model).geometry
-    kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan)
+    kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan, dtype=score_dtype(model))
     refusal = torch.full_like(kl, math.nan) if estimator == "refusal-grad" else None
     encoded = _encode(model, tokenizer, prompts, prompt_format, system_prompt)  # empty / over-long prompts
     mean = _means_over(model, encoded) if mode is Mode.MEAN else None
@@ -456,14 +464,14 @@ def ships_estimate(
             enc = encode_prompts(tokenizer, texts[b0:b0 + batch_size])
             ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
             n = ids.shape[0]
-            s = torch.zeros(n, g.n_layers, g.n_heads, requires_grad=True)
+            s = torch.zeros(n, g.n_layers, g.n_heads, dtype=kl.dtype, requires_grad=True)
             hidden: list[torch.Tensor] = []
             handle = ad.final_norm.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out[:, -1]))
             try:
                 with torch.enable_grad(), ablate_strengths(model, s, mode=lin, eps=eps, mean=mean, attention_mask=mask):
                     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                   use_cache=False, logits_to_keep=1).logits[:, -1].float()
-                    h = hidden[-1].float()
+                                   use_cache=False, logits_to_keep=1).logits[:, -1]
+                    logits, h = at_least_float32(logits), at_least_float32(hidden[-1])
                     if estimator == "fisher":
                         lam, U = _fisher_directions(model, logits.detach(), directions)
                         est = torch.zeros(n, g.n_layers, g.n_heads, dtype=torch.float64)
@@ -471,7 +479,7 @@ def ships_estimate(
                             obj = (h * U[:, i].to(h)).sum()
                             (grad,) = torch.autograd.grad(obj, s, retain_graph=i < lam.shape[1] - 1)
                             est += 0.5 * lam[:, i, None, None] * grad.double() ** 2
-                        kl[b0:b0 + n] = est.float()
+                        kl[b0:b0 + n] = est.to(kl.dtype)
                     else:
                         obj = refusal_logodds(logits, rt).sum()
                         (grad,) = torch.autograd.grad(obj, s)

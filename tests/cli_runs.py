@@ -1,0 +1,144 @@
+"""Real ``safetyheads`` runs on SmolLM2-135M, made once per test session and shared by test modules.
+
+Each run costs tens of seconds of CPU, so tests/test_cli.py, tests/test_resume.py and
+tests/test_provenance.py share the same folders: :func:`shared` builds a named run the first time
+any module asks for it (module-level cache: one Python process runs the whole session) and
+returns the cached result afterwards, re-raising the original error if the build failed.
+
+:func:`result_files` reads every result a run folder holds (JSON, JSONL, safetensors) in a form
+that compares equal between two runs exactly when their results are the same: tensors bit for bit,
+JSON equal except the wall-clock fields (:data:`TIMING_KEYS`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MODEL = "builtin:smollm2-135m-instruct"
+
+#: the smallest run that still reaches every checkpoint: 2 attribution prompts both scored exactly (a
+#: per-prompt checkpoint with one still to do), 2 Sahara steps, 2 held-out + 1 harmless prompt, 3 new
+#: tokens; 7 conditions × their prompts = 14 generated rows = 2 generation batches of 8
+SMALL = ["--model", MODEL, "--n-attribution", "2", "--n-ships-exact", "2", "--n-eval", "2", "--n-harmless", "1",
+         "--max-new-tokens", "3", "--steps", "2", "--prefilter-k", "3", "--random-controls", "1", "--batch-size", "8",
+         "--quiet"]
+
+#: the ``--mode sc`` run: another seed too (so another split and random control), one prompt scored exactly
+SC_RUN = ["--mode", "sc", "--seed", "1", "--n-ships-exact", "1"]
+
+#: keys whose values are wall-clock facts, not results
+TIMING_KEYS = frozenset({"created", "seconds"})
+
+#: files of a run folder that are not results (log, rendered report, plots)
+NOT_RESULTS = ("run.log", "report.html")
+
+_cache: dict[str, tuple[bool, Any]] = {}
+
+
+def cli(*args: str, timeout: float = 3600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m safetyheads.cli ARGS`` in a subprocess (the real entry point), output captured."""
+    return subprocess.run([sys.executable, "-m", "safetyheads.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def timed_cli(*args: str, **kw: Any) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    r = cli(*args, **kw)
+    return r, time.perf_counter() - t0
+
+
+def check(r: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    """Fail with the command's stderr if it did not exit 0."""
+    assert r.returncode == 0, f"{what}: exit {r.returncode}\nstdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-4000:]}"
+    return r
+
+
+def shared(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> Any:
+    """``build(folder)`` once per session for ``name``; later calls return its result (or re-raise its error)."""
+    if name not in _cache:
+        folder = tmp_path_factory.getbasetemp() / "shared-runs" / name
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _cache[name] = (True, build(folder))
+        except BaseException as e:  # noqa: BLE001 - re-raised for every test that needs this run
+            _cache[name] = (False, e)
+    ok, value = _cache[name]
+    if not ok:
+        raise value
+    return value
+
+
+def build_with_subcommands(out: Path) -> dict[str, Any]:
+    """The SMALL study made stage by stage: ``ships``, ``sahara``, ``evaluate``, then ``report``."""
+    steps = {}
+    for cmd in ("ships", "sahara", "evaluate"):
+        r, s = timed_cli(cmd, *SMALL, "--out", str(out))
+        steps[cmd] = (check(r, f"safetyheads {cmd}"), s)
+    r, s = timed_cli("report", str(out))
+    steps["report"] = (check(r, "safetyheads report"), s)
+    return {"out": out, "steps": steps}
+
+
+def build_run(extra: list[str]) -> Callable[[Path], dict[str, Any]]:
+    """A builder for ``safetyheads run SMALL + extra`` in one process."""
+    def build(out: Path) -> dict[str, Any]:
+        r, s = timed_cli("run", *SMALL, *extra, "--out", str(out))
+        return {"out": out, "result": check(r, f"safetyheads run {' '.join(extra)}"), "seconds": s}
+    return build
+
+
+def reference(tmp_path_factory) -> dict[str, Any]:
+    """The shared reference run (SMALL, built by the subcommands)."""
+    return shared(tmp_path_factory, "reference", build_with_subcommands)
+
+
+def _strip(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k not in TIMING_KEYS}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+def result_files(run: Path) -> dict[str, Any]:
+    """Every result file under ``run`` by relative path: JSON (timing keys dropped), JSONL text, and
+    safetensors as ``{name: (dtype, shape, raw bytes)}`` so that equality means bit-identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for p in sorted(run.rglob("*")):
+        rel = str(p.relative_to(run))
+        if not p.is_file() or rel in NOT_RESULTS or rel.startswith("plots/"):
+            continue
+        if p.suffix == ".json":
+            out[rel] = _strip(json.loads(p.read_text()))
+        elif p.suffix == ".jsonl":
+            out[rel] = p.read_text()
+        elif p.suffix == ".safetensors":
+            out[rel] = {k: (str(v.dtype), tuple(v.shape), v.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                        for k, v in load_file(str(p)).items()}
+        else:
+            out[rel] = p.read_bytes()
+    return out
+
+
+def diff_results(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`result_files` maps (empty when equal)."""
+    out = [f"only in first: {k}" for k in sorted(set(a) - set(b))]
+    out += [f"only in second: {k}" for k in sorted(set(b) - set(a))]
+    for k in sorted(set(a) & set(b)):
+        if a[k] != b[k]:
+            if isinstance(a[k], dict) and isinstance(b[k], dict):
+                keys = sorted(kk for kk in set(a[k]) | set(b[k]) if a[k].get(kk) != b[k].get(kk))
+                out.append(f"{k}: differs in {keys}")
+            else:
+                out.append(f"{k}: differs")
+    return out
