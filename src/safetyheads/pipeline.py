@@ -44,7 +44,8 @@ STAGES = ("prompts", "ships", "sahara", "search", "evaluate", "report")
 HEADLINE_ORDER = ("search-refusal", "refusal-grad", "sahara")
 """Methods whose heads a run reports as its headline ``heads.json``, most trusted first: the first one
 the run computed is used. Signed refusal methods first: on the embedded model they break refusals on
-held-out prompts where the paper's unsigned scores do not (SPEC §7; bench/results/study.md)."""
+held-out prompts where the paper's unsigned scores do not (SPEC §7's prototype measurements;
+this repository's own held-out comparison, bench/methods_bench.py, is not yet run to the end)."""
 
 
 class RunFolderError(RuntimeError):
