@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     n_tok = sum(len(t) for rows in ref for t in rows)
     runs.append({"path": f"before: one condition at a time, batch {a.before_batch_size}", "tokens": n_tok,
                  "wall_s": wall, "cpu_s": cpu, "load_before": l0, "load_after": l1, "identical": None})
+    print(json.dumps(runs[-1]), flush=True)  # each pass as soon as it is done (a long run may be cut)
     for bs in a.after_batch_sizes:
         jobs = [{"prompts": prompts, "heads": h} for _, h in conds]
         got, wall, cpu, l0, l1 = timed(lambda bs=bs, jobs=jobs: generate_many(model, tok, jobs, batch_size=bs, **kw))
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append({"path": f"after: all conditions in shared batches, batch {bs} rows",
                      "tokens": sum(len(t) for rows in got for t in rows), "wall_s": wall, "cpu_s": cpu,
                      "load_before": l0, "load_after": l1, "identical": same})
+        print(json.dumps(runs[-1]), flush=True)
     total = len(conds) * len(prompts)
     base = runs[0]
     lines = [f"# Evaluation generation speed — {a.model}", "",
