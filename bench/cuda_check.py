@@ -7,19 +7,27 @@
 
 CI has no GPU, so the unit tests run on CPU only; this script is what checks the same things where
 users run them. It builds the tiny random-weight models of every supported architecture (the test
-suite's ``tests/tiny_models.py`` and ``tests/tiny_lm.py``) on the device, in float32, and checks:
+suite's ``tests/tiny_models.py`` and ``tests/tiny_lm.py``) on the device and checks:
+
+In float64 end to end (``tiny_models.float64_model``), where two computations of the same thing
+agree to float64 rounding on any device, so the bound is ``TOL = 1e-10`` relative (to the largest
+magnitude of the compared tensor) everywhere — GPU and CPU differ by ~1e-15 there:
 
 - ``ua_hook=surgery``: UA by hooking the query == UA written into W_q / q bias (no-q-norm archs).
 - ``sc_hook=surgery``: SC by hooking the o_proj input == scaled W_o columns (ε = 0.3).
 - ``zero=sc0``: zero mode == SC with ε = 0.
 - ``dev=cpu``: ablated logits on the device == on CPU.
-- ``ships_exact=naive``: exact batched Ships == the naive loop (relative to the largest KL; 1e-4).
-- ``ships_dev=cpu``: exact Ships on the device == on CPU (relative; 1e-3).
-- ``sahara_dev=cpu``: the heads a 2-step Sahara picks on the device == on CPU.
+- ``ships_exact=naive``: exact batched Ships == the naive loop (KL and refusal score).
+- ``ships_dev=cpu``: exact Ships on the device == on CPU.
+- ``sahara_dev=cpu``: a 2-step Sahara on the device picks the same heads as on CPU, scores within TOL rad.
 - ``generate=surgery``: KV-cache generation under ablation == HF ``generate`` on surgery weights
-  (token-identical) and == the same generation on CPU.
-- ``bf16 exact=naive``: the exact sweep in bfloat16 vs the naive loop in bfloat16 (reported; bf16
-  rows in different batches round differently, so the bound is loose: 5e-2).
+  (token-identical) and == the same generation on CPU (``generate_dev=cpu``).
+
+In the precisions sweeps run in on a GPU, against a noise floor measured in the same run (the
+float64 scores are the truth): ``fp32 exact~naive`` / ``bf16 exact~naive``: the exact sweep's error
+is at most ``FLOOR_FACTOR`` = 4× the naive loop's (the paper's computation, same dtype; at least 16
+ulps of the dtype), and that floor itself is small (< 1e-3 relative in float32, < 0.2 in
+bfloat16). TF32 is off.
 
 Prints one line per check and a summary; exits 1 if any check fails.
 """
@@ -42,6 +50,9 @@ import safetyheads as sh  # noqa: E402
 from safetyheads.evaluate import _eos_ids, generate_ids  # noqa: E402
 
 HEADS = [(0, 1), (1, 3), (2, 0)]
+TOL = 1e-10  # float64: relative to the largest magnitude
+FLOOR_FACTOR = 4  # lower precisions: the exact sweep's error vs the naive loop's, same dtype
+F64 = torch.float64
 RESULTS: list[tuple[str, str, bool, str]] = []
 
 
@@ -53,63 +64,64 @@ def check(arch: str, name: str, ok: bool, detail: str) -> None:
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     dev = next(model.parameters()).device
     with torch.no_grad():
-        return model(input_ids=ids.to(dev)).logits.float().cpu()
+        return model(input_ids=ids.to(dev)).logits.double().cpu()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (NaN entries, unscored heads, ignored)."""
     a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    keep = ~(a.isnan() | b.isnan())
+    return float((a[keep] - b[keep]).abs().max() / b[keep].abs().max().clamp_min(1e-300))
 
 
 def ablation_checks(arch: str, dev: torch.device) -> None:
     ids = random_ids(2, 12, seed=3)
-    cpu_model = tiny_model(arch)
-    model = tiny_model(arch).to(dev)
+    cpu_model = tiny_model(arch, dtype=F64)
+    model = tiny_model(arch, dtype=F64).to(dev)
     if arch in SURGERY_UA_ARCHS:
         with sh.ablate(model, HEADS, mode="ua", eps=1e-3):
             hooked = logits(model, ids)
-        cut = logits(sh.surgery(model, HEADS, mode="ua", eps=1e-3), ids)
-        d = float((cut - hooked).abs().max())
-        check(arch, "ua_hook=surgery", d < 1e-4, f"max |Δlogit| {d:.1e}")
+        r = rel(logits(sh.surgery(model, HEADS, mode="ua", eps=1e-3), ids), hooked)
+        check(arch, "ua_hook=surgery", r <= TOL, f"rel {r:.1e}")
     with sh.ablate(model, HEADS, mode="sc", eps=0.3):
         hooked = logits(model, ids)
     with sh.surgery_applied(model, HEADS, mode="sc", eps=0.3):
         cut = logits(model, ids)
-    d = float((cut - hooked).abs().max())
-    check(arch, "sc_hook=surgery", d < 1e-4, f"max |Δlogit| {d:.1e}")
+    r = rel(cut, hooked)
+    check(arch, "sc_hook=surgery", r <= TOL, f"rel {r:.1e}")
     with sh.ablate(model, HEADS, mode="zero"):
         z = logits(model, ids)
     with sh.ablate(model, HEADS, mode="sc", eps=0.0):
         s0 = logits(model, ids)
-    d = float((z - s0).abs().max())
-    check(arch, "zero=sc0", d < 1e-5, f"max |Δlogit| {d:.1e}")
+    r = rel(z, s0)
+    check(arch, "zero=sc0", r <= TOL, f"rel {r:.1e}")
     with sh.ablate(model, HEADS, mode="ua", eps=1e-5):
         on_dev = logits(model, ids)
     with sh.ablate(cpu_model, HEADS, mode="ua", eps=1e-5):
         on_cpu = logits(cpu_model, ids)
-    d = float((on_dev - on_cpu).abs().max())
-    check(arch, "dev=cpu", d < 1e-3, f"max |Δlogit| {d:.1e}")
+    r = rel(on_dev, on_cpu)
+    check(arch, "dev=cpu", r <= TOL, f"rel {r:.1e}")
 
 
-def lm_checks(arch: str, dev: torch.device, tok, refusal: list[int], bf16: bool) -> None:
+def lm_checks(arch: str, dev: torch.device, tok, refusal: list[int], low: bool) -> None:
     vocab = len(tok)
-    cpu_model = tiny_lm(arch, vocab)
-    model = tiny_lm(arch, vocab).to(dev)
+    cpu_model = tiny_lm(arch, vocab, dtype=F64)
+    model = tiny_lm(arch, vocab, dtype=F64).to(dev)
     kw = dict(prompt_format="chat", progress=False, refusal_tokens=refusal)
     exact = sh.ships(model, tok, PROMPTS[:3], batch_size=5, **kw)
     naive = sh.ships(model, tok, PROMPTS[:3], method="naive", **kw)
-    r = rel(exact.kl, naive.kl)
-    check(arch, "ships_exact=naive", r < 1e-4, f"rel {r:.1e} (max KL {float(naive.kl.max()):.3g})")
+    r, r2 = rel(exact.kl, naive.kl), rel(exact.refusal, naive.refusal)
+    check(arch, "ships_exact=naive", max(r, r2) <= TOL,
+          f"rel KL {r:.1e}, rel refusal {r2:.1e} (max KL {float(naive.kl.max()):.3g})")
     on_cpu = sh.ships(cpu_model, tok, PROMPTS[:3], batch_size=5, **kw)
-    r = rel(exact.kl, on_cpu.kl)
-    r2 = rel(exact.metric("refusal"), on_cpu.metric("refusal"))
-    check(arch, "ships_dev=cpu", max(r, r2) < 1e-3, f"rel KL {r:.1e}, rel refusal {r2:.1e}")
+    r, r2 = rel(exact.kl, on_cpu.kl), rel(exact.refusal, on_cpu.refusal)
+    check(arch, "ships_dev=cpu", max(r, r2) <= TOL, f"rel KL {r:.1e}, rel refusal {r2:.1e}")
 
     skw = dict(steps=2, prompt_format="chat", preset="paper", progress=False)
     a = sh.sahara(model, tok, PROMPTS, **skw)
     b = sh.sahara(cpu_model, tok, PROMPTS, **skw)
-    ds = max(abs(x.score - y.score) for x, y in zip(a.steps, b.steps))
-    check(arch, "sahara_dev=cpu", a.heads == b.heads, f"{a.heads} vs {b.heads}, max |Δscore| {ds:.1e} rad")
+    ds = max(abs(x.scores[h] - y.scores[h]) for x, y in zip(a.steps, b.steps) for h in x.scores if h in y.scores)
+    check(arch, "sahara_dev=cpu", a.heads == b.heads and ds <= TOL, f"{a.heads} vs {b.heads}, max |Δscore| {ds:.1e} rad")
 
     heads = [(0, 1), (1, 2), (2, 0)]
     gkw = dict(heads=heads, eps=1e-5, max_new_tokens=8, batch_size=3, progress=False)
@@ -121,12 +133,16 @@ def lm_checks(arch: str, dev: torch.device, tok, refusal: list[int], bf16: bool)
     same = sum(x == y for x, y in zip(got, cpu_got))
     check(arch, "generate_dev=cpu", same == len(got), f"{same}/{len(got)} responses token-identical")
 
-    if bf16:
-        m16 = tiny_lm(arch, vocab).to(dev, torch.bfloat16)
-        e16 = sh.ships(m16, tok, PROMPTS[:3], batch_size=5, **kw)
-        n16 = sh.ships(m16, tok, PROMPTS[:3], method="naive", **kw)
-        r = rel(e16.kl, n16.kl)
-        check(arch, "bf16 exact=naive", r < 5e-2, f"rel {r:.1e}; bf16 vs fp32 exact: rel {rel(e16.kl, exact.kl):.1e}")
+    if low:
+        for dtype, name, ceiling in ((torch.float32, "fp32", 1e-3), (torch.bfloat16, "bf16", 0.2)):
+            m = tiny_lm(arch, vocab).to(dev, dtype)
+            e = sh.ships(m, tok, PROMPTS[:3], batch_size=5, **kw)
+            n = sh.ships(m, tok, PROMPTS[:3], method="naive", **kw)
+            err, floor = rel(e.kl, naive.kl), rel(n.kl, naive.kl)
+            bound = FLOOR_FACTOR * max(floor, 16 * torch.finfo(dtype).eps)  # never below a few ulps
+            check(arch, f"{name} exact~naive", err <= bound and floor < ceiling,
+                  f"exact's error {err:.1e} vs the naive loop's {floor:.1e} (relative to float64; "
+                  f"exact vs naive {rel(e.kl, n.kl):.1e})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device (use --device cpu for a smoke run)", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False  # float32 comparisons are meant as float32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 check is meant as float32
     torch.backends.cudnn.allow_tf32 = False
     import transformers as tf
 
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         ablation_checks(arch, dev)
     for arch in [a for a in SHIPS_ARCHS if a in archs]:
-        lm_checks(arch, dev, tok, refusal, bf16=arch in ("llama", "qwen2", "gemma3"))
+        lm_checks(arch, dev, tok, refusal, low=arch in ("llama", "qwen2", "gemma3"))
     failed = [r for r in RESULTS if not r[2]]
     print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.perf_counter() - t0:.0f} s on {name}")
     for arch, n, _, d in failed:

@@ -56,7 +56,7 @@ def test_ships_subcommand(ref):
     r = ref["steps"]["ships"][0]
     exact, est = ShipsResult.load(out / "ships"), ShipsResult.load(out / "ships_estimate")
     assert tuple(exact.kl.shape) == (2, N_LAYERS, N_HEADS) and tuple(est.kl.shape) == (2, N_LAYERS, N_HEADS)
-    assert torch.isfinite(exact.kl).all() and (exact.kl >= 0).all() and exact.kl.max() > 0
+    assert torch.isfinite(exact.kl).all() and (exact.kl >= -1e-6).all() and exact.kl.max() > 1e-3  # KL >= 0
     assert torch.isfinite(est.kl).all() and exact.method == "exact" and est.method.startswith("estimate")
     prompts = json.loads((out / "prompts.json").read_text())
     assert exact.prompts == prompts["attribution"][:2] and est.prompts == prompts["attribution"]

@@ -151,6 +151,7 @@ def test_resume_after_interruption_is_identical(qwen2, tok, rt, tmp_path, sparsi
     resumed = _run(qwen2, tok, rt, sparsity=sparsity, steps=8, checkpoint=ck, checkpoint_every=2,
                    callback=lambda s, r: seen.append(s))
     assert seen == [5, 6, 7, 8]  # steps 1..4 came from the checkpoint
+    assert ck.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["mask.ckpt"]  # one file, no temp left
     assert torch.equal(full.theta, resumed.theta)
     assert full.history == resumed.history
     assert [v.to_json() for v in full.validation] == [v.to_json() for v in resumed.validation]

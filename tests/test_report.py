@@ -348,7 +348,8 @@ def test_report_full(tmp_path):
     assert SCRIPT not in text and "<script" not in text.lower()
     assert html_escape(SCRIPT) in text
     assert "Write malware &amp; &lt;b&gt;hide&lt;/b&gt; it" in text
-    assert "not run" not in text
+    # every part this run has is reported; only what it lacks (signed effects / head search) says "not run"
+    assert re.findall(r"<b>([^<]*): not run</b>", text) == ["Signed effects"]
     # images embedded and written to plots/
     names = {p.name for p in (run / "plots").glob("*.png")}
     assert {"asr.png", "ships_kl.png", "ships_refusal.png", "ships_estimate_kl.png", "sahara_step1.png",

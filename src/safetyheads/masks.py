@@ -40,6 +40,8 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .ablation import Head, Mode, ablate, ablate_strengths, check_eps
 from .adapters import get_adapter
@@ -273,34 +277,40 @@ def _digest(obj: Any) -> str:
 # --------------------------------------------------------------------------- checkpoint
 
 
-def _ckpt_save(stem: Path, theta: torch.Tensor, opt: torch.optim.Adam, step: int, history: list, digest: str) -> None:
+def _ckpt_save(path: Path, theta: torch.Tensor, opt: torch.optim.Adam, step: int, history: list, digest: str) -> None:
+    """One safetensors file (tensors + the JSON state in its metadata), written atomically: never half a checkpoint."""
     st = opt.state.get(theta, {})
     tensors = {"theta": theta.detach().clone()}
     if st:
         tensors.update(exp_avg=st["exp_avg"], exp_avg_sq=st["exp_avg_sq"],
                        adam_step=torch.as_tensor(st["step"], dtype=torch.float32).reshape(1))
-    save_tensors_json(stem, tensors, {"kind": "head_mask_checkpoint", "digest": digest, "step": step,
-                                      "history": history})
+    meta = {"kind": "head_mask_checkpoint", "digest": digest, "step": str(step), "history": json.dumps(history)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def _ckpt_load(stem: Path, theta: torch.Tensor, opt: torch.optim.Adam, digest: str) -> tuple[int, list]:
-    tensors, meta = load_tensors_json(stem)
+def _ckpt_load(path: Path, theta: torch.Tensor, opt: torch.optim.Adam, digest: str) -> tuple[int, list]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("kind") != "head_mask_checkpoint":
-        raise ValueError(f"{stem}.json is not a head-mask checkpoint")
+        raise ValueError(f"{path} is not a head-mask checkpoint")
     if meta.get("digest") != digest:
-        raise ValueError(f"checkpoint {stem} was written by a different mask configuration (digest "
+        raise ValueError(f"checkpoint {path} was written by a different mask configuration (digest "
                          f"{meta.get('digest')} != {digest}); use another checkpoint path or delete it")
     with torch.no_grad():
         theta.copy_(tensors["theta"])
     if "exp_avg" in tensors:
         opt.state[theta] = {"step": tensors["adam_step"].reshape(()).clone(), "exp_avg": tensors["exp_avg"].clone(),
                             "exp_avg_sq": tensors["exp_avg_sq"].clone()}
-    return int(meta["step"]), list(meta["history"])
-
-
-def _ckpt_stem(path: str | Path) -> Path:
-    p = Path(path)
-    return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+    return int(meta["step"]), list(json.loads(meta["history"]))
 
 
 # --------------------------------------------------------------------------- main
@@ -353,8 +363,8 @@ def learn_head_mask(
             answers to ``prompts`` (:func:`~safetyheads.evaluate.derive_refusal_tokens`, ``judge``).
         prompt_format, system_prompt: see :mod:`safetyheads.prompts`.
         batch_size: prompts per forward (harmful and harmless chunks alike).
-        checkpoint: path stem of a checkpoint (``.json`` + ``.safetensors``) written every
-            ``checkpoint_every`` steps and at the end; an existing one of the same configuration is
+        checkpoint: path of a checkpoint file (one safetensors file: θ, Adam's state, the step and the
+            history in its metadata; written atomically) saved every ``checkpoint_every`` steps and at the end; an existing one of the same configuration is
             resumed (a different configuration is refused). A finished checkpoint skips training.
         validate_ks: the top-``k`` sets validated by hard ablation.
         callback: called as ``callback(step, record)`` after every step (e.g. to log, or to stop by
@@ -440,11 +450,11 @@ def learn_head_mask(
 
         before = full_objective(torch.full_like(theta, float(init)))
         start, history = 0, []
-        stem = _ckpt_stem(checkpoint) if checkpoint is not None else None
-        if stem is not None and stem.with_suffix(".json").exists():
-            start, history = _ckpt_load(stem, theta, opt, digest)
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        if ckpt is not None and ckpt.exists():
+            start, history = _ckpt_load(ckpt, theta, opt, digest)
             if start > steps:
-                raise ValueError(f"checkpoint {stem} is at step {start}, past steps={steps}: pass steps >= {start} "
+                raise ValueError(f"checkpoint {ckpt} is at step {start}, past steps={steps}: pass steps >= {start} "
                                  "or another checkpoint path")
             history = history[:start]
         bar = None
@@ -470,8 +480,8 @@ def learn_head_mask(
             history.append(rec)
             if callback is not None:
                 callback(step + 1, rec)
-            if stem is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                _ckpt_save(stem, theta, opt, step + 1, history, digest)
+            if ckpt is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                _ckpt_save(ckpt, theta, opt, step + 1, history, digest)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(refusal=f"{rec['refusal']:.2f}", kl=f"{rec['kl']:.3f}")
