@@ -93,6 +93,11 @@ def test_every_json_artifact_has_provenance(run):
     ev = result("evaluation.json", held_out, "eval", seed=())  # the evaluation's seed is the run's
     rt = result("refusal_tokens.json", attr, "attribution", mode=None, eps=None, seed=())  # unablated
     assert rt["judge"] == cfg["judge"] == ev["judge"]
+    if (run / "refusal_metric.json").exists():  # per-prompt refusal metric of the same held-out prompts
+        assert result("refusal_metric.json", held_out, "eval", seed=())["data"] == ev["data"]
+    for name in ("search.json", "signed_effects.json", "disagreement.json"):  # only where the model refuses
+        if (run / name).exists():
+            result(name, attr, "attribution")
     harmless = prompts["harmless"]
     assert ev["harmless"]["indices"] == sets["harmless"]["indices"] and len(harmless) == cfg["n_harmless"]
     assert ev["harmless"]["source_sha256"] == sets["harmless"]["source_sha256"]

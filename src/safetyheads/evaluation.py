@@ -216,7 +216,8 @@ class Evaluation:
         return {"kind": "refusal_metric", "tokens": self.refusal_metric.get("tokens"),
                 "conditions": {c.name: {"digest": c.refusal_metric_digest, "prob": c.refusal_prob,
                                         "log_odds": c.refusal_log_odds}
-                               for c in self.conditions if c.refusal_log_odds is not None}}
+                               for c in self.conditions if c.refusal_log_odds is not None},
+                "provenance": self.provenance}
 
     def save(self, run_dir: str | Path, *, responses: bool = True, metric: bool = True) -> Path:
         """Write ``evaluation.json``, unless ``metric=False`` ``refusal_metric.json`` (if computed), and

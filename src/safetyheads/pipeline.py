@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig
-from .provenance import atomic_write_text, library_versions
+from .provenance import atomic_write_text, library_versions, provenance
 
 log = logging.getLogger("safetyheads")
 
@@ -334,7 +334,10 @@ class Run:
                                      "refusal)", **fmt, "refusal_tokens": rt, "n_prompts": len(attr),
                           "heads": [[layer, h, eff[(layer, h)]] for layer, h in heads],
                           "conditions": {cond["name"]: [[layer, h, eff[(layer, h)]] for layer, h in cond["heads"]]
-                                         for cond in conds if cond["heads"]}})
+                                         for cond in conds if cond["heads"]},
+                          "provenance": provenance(self.model, attr, prompt_format=str(fmt["prompt_format"]),
+                                                   mode=c.mode, eps=c.eps, seed=c.seed,
+                                                   system_prompt=c.system_prompt)})
         dpath = self.out / "disagreement.json"
         if dpath.exists():
             return
