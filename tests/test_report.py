@@ -334,6 +334,11 @@ def test_report_full(tmp_path):
     assert "<link" not in text and "@import" not in text
     # content
     assert MODEL in text and "advbench" in text and "chat" in text and "ε = 1e-05" in text
+    # the judge's measured accuracy, the value of the table the bench wrote
+    from safetyheads.judges import JUDGE_ACCURACY
+    acc = JUDGE_ACCURACY["keyword:paper"]
+    assert (f"accuracy {acc['ours']:.2f} on {acc['n_ours']} hand-labelled answers of the embedded models, "
+            f"{acc['pyrit']:.2f} on PyRIT&#x27;s {acc['n_pyrit']} human labels") in text
     # the Sahara heads, by label and in the order chosen, in the summary and in the Sahara section's steps
     assert "<b>L2H3</b> → <b>L1H0</b> → <b>L3H5</b>" in text
     sahara_section = re.search(r'<section id="sahara">(.*?)</section>', text, flags=re.S).group(1)

@@ -54,6 +54,16 @@ class RunData:
     errors: list[str] = field(default_factory=list)
 
     @property
+    def evaluation_result(self) -> Any:
+        """The evaluation as an :class:`~safetyheads.evaluation.Evaluation` (responses and the refusal
+        metric read back: ``.to_pandas()``, ``.plot()``), or None when the run has none."""
+        if self.evaluation is None:
+            return None
+        from .evaluation import Evaluation
+
+        return Evaluation.load(self.path)
+
+    @property
     def config(self) -> dict:
         """The resolved config (the ``config`` entry the pipeline writes, else the whole file)."""
         c = self.config_file
@@ -156,6 +166,23 @@ def _read(run: RunData, rel: str, loader: Callable[[Path], Any]) -> Any:
 
 def _json_file(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def _judge_accuracy_note(judge: str | None) -> str:
+    """`` (accuracy 0.82 on 260 hand-labelled answers of the embedded models, 0.67 on PyRIT's 169)`` for a
+    judge measured by ``bench/judge_accuracy.py`` (:data:`safetyheads.judges.JUDGE_ACCURACY`); a note
+    that it was not measured otherwise."""
+    from .judges import JUDGE_ACCURACY
+
+    acc = JUDGE_ACCURACY.get(judge or "")
+    if not acc:
+        return ' <span class="muted">(accuracy not measured on the labelled set)</span>'
+    parts = []
+    if acc.get("ours") is not None:
+        parts.append(f"accuracy {acc['ours']:.2f} on {acc.get('n_ours', '?')} hand-labelled answers of the embedded models")
+    if acc.get("pyrit") is not None:
+        parts.append(f"{acc['pyrit']:.2f} on PyRIT's {acc.get('n_pyrit', '?')} human labels")
+    return f' <span class="muted">({esc(", ".join(parts))})</span>'
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -523,7 +550,7 @@ def section_summary(run: RunData, plots_dir: Path) -> str:
         parts.append(not_run("Evaluation (attack success)", why))
         return "".join(parts)
 
-    meta = [f"judge <code>{esc(ev.get('judge'))}</code>" if ev.get("judge") else "",
+    meta = [f"judge <code>{esc(ev.get('judge'))}</code>{_judge_accuracy_note(ev.get('judge'))}" if ev.get("judge") else "",
             f"{esc(ev.get('n_prompts'))} held-out prompts" if ev.get("n_prompts") is not None else "",
             f"{esc(ev.get('max_new_tokens'))} new tokens" if ev.get("max_new_tokens") is not None else ""]
     meta_s = ", ".join(m for m in meta if m)
