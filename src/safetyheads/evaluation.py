@@ -300,6 +300,25 @@ class Evaluation:
             lines += [f"| {u['name']} | {u['metric']} | {u['value']:.4g} |" for u in self.utility]
         return "\n".join(lines) + "\n"
 
+    def to_pandas(self):
+        """One row per condition × prompt (condition, set, method, k, prompt_index, prompt, response, refusal
+        [, refusal_log_odds, refusal_prob]) as a pandas DataFrame (:func:`safetyheads.views.evaluation_frame`)."""
+        from .views import evaluation_frame
+
+        return evaluation_frame(self)
+
+    def plot(self):
+        """The report's attack-success bars (over-refusal beside them) as a matplotlib Figure."""
+        from .views import evaluation_plot
+
+        return evaluation_plot(self)
+
+    def _repr_html_(self) -> str:
+        """A compact table plus the figure, for Jupyter (:func:`safetyheads.views.repr_html`)."""
+        from .views import repr_html
+
+        return repr_html(self)
+
 
 def _p(p: float) -> str:
     from .stats import _fmt_p

@@ -199,6 +199,26 @@ class HeadMaskResult:
                    m["objective_after"], m["history"], m["refusal_tokens"], m["config"], m["provenance"],
                    m.get("seconds", 0.0), m.get("prompts", []), m.get("harmless", []))
 
+    def to_pandas(self):
+        """One row per head (layer, head, theta, strength, rank)
+        as a tidy pandas DataFrame (:func:`safetyheads.views.mask_frame`)."""
+        from .views import mask_frame
+
+        return mask_frame(self)
+
+    def plot(self, top: int = 5):
+        """Layer × head heatmap of the learned strengths,
+        the ``top`` heads numbered (a matplotlib Figure)."""
+        from .views import mask_plot
+
+        return mask_plot(self, top=top)
+
+    def _repr_html_(self) -> str:
+        """A compact table plus the figure, for Jupyter (:func:`safetyheads.views.repr_html`)."""
+        from .views import repr_html
+
+        return repr_html(self)
+
 
 def mask_heads(result: HeadMaskResult, k: int) -> list[Head]:
     """The top-``k`` heads of a learned mask (one call for method tables)."""

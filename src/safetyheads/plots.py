@@ -1,7 +1,8 @@
 """Figures of a run: Ships and Sahara heatmaps, attack success with intervals, cross-run overlap.
 
 Every function draws on its own :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot,
-no display, no global state) and writes a PNG at ``DPI``. Inputs are the result objects of
+no display, no global state) and writes a PNG at ``DPI``; the ``*_figure`` functions return the
+Figure instead (what the result objects' ``.plot()`` shows, see :mod:`safetyheads.views`). Inputs are the result objects of
 :mod:`safetyheads.ships` / :mod:`safetyheads.sahara` or the plain dicts of ``evaluation.json`` and
 :func:`safetyheads.compare.compare_runs`.
 """
@@ -166,6 +167,12 @@ def top_cells(a: np.ndarray, k: int) -> list[tuple[int, int, float]]:
 
 def ships_heatmap(ships_result_or_tensor: Any, path: str | Path, metric: str = "kl", title: str | None = None,
                   top: int = 5) -> Path:
+    """Write :func:`ships_heatmap_figure` as a PNG at ``path``; returns the path."""
+    return _save(ships_heatmap_figure(ships_result_or_tensor, metric=metric, title=title, top=top), path)
+
+
+def ships_heatmap_figure(ships_result_or_tensor: Any, metric: str = "kl", title: str | None = None,
+                         top: int = 5) -> Figure:
     """Layer × head heatmap of the mean Ships score, the ``top`` heads outlined and numbered.
 
     Args:
@@ -192,7 +199,7 @@ def ships_heatmap(ships_result_or_tensor: Any, path: str | Path, metric: str = "
         ax.annotate(caption, xy=(0, 0), xycoords="axes fraction", xytext=(0, -36), textcoords="offset points",
                     ha="left", va="top", fontsize=9.5)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- Sahara
@@ -205,33 +212,40 @@ def sahara_heatmaps(sahara_result: Any, n_layers: int, n_heads: int, dir: str | 
     ``dir/sahara_step{i}.png`` (1-based); returns their paths in step order.
     """
     out_dir = Path(dir)
-    paths = []
-    chosen_before: list[tuple[int, int]] = []
-    for i, step in enumerate(sahara_result.steps, 1):
-        a = step.as_matrix(n_layers, n_heads).double().numpy()
-        fig = _new_figure(*_grid_size(n_layers, n_heads))
-        ax = fig.add_subplot()
-        _heat(ax, fig, a, signed=False, cbar_label="score of G ∪ {h}: Σ principal angles (rad)", cmap="magma")
-        for layer, head in chosen_before:
-            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="#444444",
-                                   linewidth=0.8))
-        layer, head = step.chosen
-        _mark(ax, layer, head, "★", color="#00c853", lw=2.5)
-        _ticks(ax, n_layers, n_heads)
-        g = "{" + ", ".join(head_label(*h) for h in chosen_before) + "}" if chosen_before else "∅"
-        ax.set_title(f"Sahara step {i}: G = {g} + h → chose {head_label(layer, head)} (score {step.score:.4g})",
-                     fontsize=10.5)
-        handles = [Patch(facecolor="none", edgecolor="#00c853", linewidth=2, label="chosen at this step")]
-        if chosen_before:
-            handles.append(Patch(facecolor="none", edgecolor="#444444", hatch="xx", label="already in G"))
-        if np.isnan(a).sum() > len(chosen_before) + 1:
-            handles.append(Patch(facecolor="#d9d9d9", label="not scored (prefilter)"))
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=len(handles), fontsize=8,
-                  frameon=False)
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / f"sahara_step{i}.png"))
-        chosen_before.append((layer, head))
-    return paths
+    return [_save(sahara_step_figure(sahara_result, i, n_layers, n_heads), out_dir / f"sahara_step{i}.png")
+            for i in range(1, len(sahara_result.steps) + 1)]
+
+
+def sahara_step_figure(sahara_result: Any, step: int, n_layers: int, n_heads: int, *, name: str = "Sahara",
+                       score_label: str = "score of G ∪ {h}: Σ principal angles (rad)") -> Figure:
+    """The heatmap of greedy step ``step`` (1-based) of a Sahara / search result (see
+    :func:`sahara_heatmaps`); ``name`` and ``score_label`` title it and label its colour bar."""
+    if not 1 <= step <= len(sahara_result.steps):
+        raise ValueError(f"step must be in 1..{len(sahara_result.steps)}, got {step!r}")
+    chosen_before: list[tuple[int, int]] = [tuple(s.chosen) for s in sahara_result.steps[: step - 1]]
+    st = sahara_result.steps[step - 1]
+    a = st.as_matrix(n_layers, n_heads).double().numpy()
+    fig = _new_figure(*_grid_size(n_layers, n_heads))
+    ax = fig.add_subplot()
+    _heat(ax, fig, a, signed=False, cbar_label=score_label, cmap="magma")
+    for layer, head in chosen_before:
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="#444444",
+                               linewidth=0.8))
+    layer, head = st.chosen
+    _mark(ax, layer, head, "★", color="#00c853", lw=2.5)
+    _ticks(ax, n_layers, n_heads)
+    g = "{" + ", ".join(head_label(*h) for h in chosen_before) + "}" if chosen_before else "∅"
+    ax.set_title(f"{name} step {step}: G = {g} + h → chose {head_label(layer, head)} (score {st.score:.4g})",
+                 fontsize=10.5)
+    handles = [Patch(facecolor="none", edgecolor="#00c853", linewidth=2, label="chosen at this step")]
+    if chosen_before:
+        handles.append(Patch(facecolor="none", edgecolor="#444444", hatch="xx", label="already in G"))
+    if np.isnan(a).sum() > len(chosen_before) + 1:
+        handles.append(Patch(facecolor="#d9d9d9", label="not scored (prefilter)"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=len(handles), fontsize=8,
+              frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -285,6 +299,11 @@ def _bars(ax, rows: Sequence[dict], value_key: str, ylabel: str, strip: str = ""
 
 
 def asr_bars(evaluation: dict, path: str | Path) -> Path:
+    """Write :func:`asr_bars_figure` as a PNG at ``path``; returns the path."""
+    return _save(asr_bars_figure(evaluation), path)
+
+
+def asr_bars_figure(evaluation: dict) -> Figure:
     """Attack success rate per condition with its (Wilson) interval; over-refusal beside it if present.
 
     Bars are coloured by kind (baseline grey, Sahara red, Ships orange, refusal-score purple);
@@ -332,7 +351,7 @@ def asr_bars(evaluation: dict, path: str | Path) -> Path:
         handles.append(Line2D([], [], linestyle="none", label="* paired exact McNemar p < 0.05 vs baseline"))
     last = fig.axes[-1]
     last.legend(handles=handles, loc="center left", bbox_to_anchor=(1.03, 0.5), fontsize=8.5, frameon=False)
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- comparison

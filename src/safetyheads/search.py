@@ -161,6 +161,26 @@ class SearchResult:
         """Read a result written by :meth:`save`."""
         return cls.from_json(json.loads(Path(path).read_text()))
 
+    def to_pandas(self):
+        """One row per step × candidate (step, layer, head, score, chosen)
+        as a tidy pandas DataFrame (:func:`safetyheads.views.search_frame`)."""
+        from .views import search_frame
+
+        return search_frame(self)
+
+    def plot(self, step: int | None = None):
+        """The report's heatmap of greedy step ``step`` (1-based, default the last) as a matplotlib
+        Figure."""
+        from .views import search_plot
+
+        return search_plot(self, step=step)
+
+    def _repr_html_(self) -> str:
+        """A compact table plus the figure, for Jupyter (:func:`safetyheads.views.repr_html`)."""
+        from .views import repr_html
+
+        return repr_html(self)
+
 
 # --------------------------------------------------------------------------- the readout
 

@@ -116,6 +116,26 @@ class ShipsResult:
         tensors, meta = load_tensors_json(stem)
         return cls(tensors["kl"], tensors.get("refusal"), meta["prompts"], meta["method"], meta["provenance"])
 
+    def to_pandas(self):
+        """One row per prompt × layer × head (prompt_index, prompt, layer, head, kl[, refusal])
+        as a tidy pandas DataFrame (:func:`safetyheads.views.ships_frame`)."""
+        from .views import ships_frame
+
+        return ships_frame(self)
+
+    def plot(self, metric: str = "kl", top: int = 5):
+        """The report's layer × head heatmap of the mean ``metric``,
+        the ``top`` heads numbered (a matplotlib Figure)."""
+        from .views import ships_plot
+
+        return ships_plot(self, metric=metric, top=top)
+
+    def _repr_html_(self) -> str:
+        """A compact table plus the figure, for Jupyter (:func:`safetyheads.views.repr_html`)."""
+        from .views import repr_html
+
+        return repr_html(self)
+
 
 # --------------------------------------------------------------------------- helpers
 
