@@ -43,7 +43,7 @@ def wheel(tmp_path_factory) -> Path:
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
     out = work / "dist"
-    env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")  # nothing into $HOME
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", str(src),
           "-w", str(out)], cwd=work, env=env)
     wheels = list(out.glob("safetyheads-*.whl"))
@@ -82,7 +82,7 @@ def test_wheel_installs_into_a_clean_venv(wheel, tmp_path):
     assert "include-system-site-packages = false" in cfg
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     py = bindir / "python"
-    env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")  # nothing into $HOME
     env.pop("PYTHONPATH", None)
     _run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], env=env)
     deps = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
