@@ -44,8 +44,11 @@ _cache: dict[str, tuple[bool, Any]] = {}
 
 def cli(*args: str, timeout: float = 3600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m safetyheads.cli ARGS`` in a subprocess (the real entry point), output captured."""
-    return subprocess.run([sys.executable, "-m", "safetyheads.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    r = subprocess.run([sys.executable, "-m", "safetyheads.cli", *args], capture_output=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    # decoded by hand: text=True would turn the carriage returns of a progress bar into newlines
+    r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    return r
 
 
 def timed_cli(*args: str, **kw: Any) -> tuple[subprocess.CompletedProcess, float]:
@@ -86,12 +89,25 @@ def build_with_subcommands(out: Path) -> dict[str, Any]:
     return {"out": out, "steps": steps}
 
 
-def build_run(extra: list[str]) -> Callable[[Path], dict[str, Any]]:
-    """A builder for ``safetyheads run SMALL + extra`` in one process."""
+def build_run(extra: list[str], *, cold_cache: bool = False) -> Callable[[Path], dict[str, Any]]:
+    """A builder for ``safetyheads run SMALL + extra`` in one process. ``cold_cache``: the run gets its own
+    empty model cache (``<out>-cold-cache``, returned as ``"cache"``), so it takes the cold path (assemble,
+    verify, dequantize, cache) whatever ran before it, a developer's warm SAFETYHEADS_TEST_CACHE included."""
     def build(out: Path) -> dict[str, Any]:
-        r, s = timed_cli("run", *SMALL, *extra, "--out", str(out))
-        return {"out": out, "result": check(r, f"safetyheads run {' '.join(extra)}"), "seconds": s}
+        cache = out.parent / f"{out.name}-cold-cache" if cold_cache else None
+        if cache is not None:
+            assert not cache.exists(), cache
+        env = {"SAFETYHEADS_CACHE": str(cache)} if cache is not None else None
+        r, s = timed_cli("run", *SMALL, *extra, "--out", str(out), env=env)
+        return {"out": out, "result": check(r, f"safetyheads run {' '.join(extra)}"), "seconds": s, "cache": cache,
+                "args": ["run", *SMALL, *extra, "--out", str(out)]}
     return build
+
+
+def sc_run(tmp_path_factory) -> dict[str, Any]:
+    """The shared ``run SMALL + SC_RUN`` (UA's sibling: SC mode, seed 1), made on a cold model cache of its
+    own: tests/test_pipeline.py checks the cold path on it, test_cli and test_provenance its results."""
+    return shared(tmp_path_factory, "mode-sc-seed1", build_run(SC_RUN, cold_cache=True))
 
 
 def reference(tmp_path_factory) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 from cli_runs import MODEL, SC_RUN, SMALL, build_run, check, cli, reference, shared
+from cli_runs import sc_run as shared_sc_run
 from click.testing import CliRunner
 
 from safetyheads.cli import app
@@ -36,7 +37,7 @@ def ref(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sc_run(tmp_path_factory):
-    return shared(tmp_path_factory, "mode-sc-seed1", build_run(SC_RUN))
+    return shared_sc_run(tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- the subcommands
@@ -162,7 +163,7 @@ def test_run_in_other_modes(ref, tmp_path_factory, mode):
     from safetyheads.ships import ShipsResult
 
     extra = SC_RUN if mode == "sc" else ["--mode", mode, "--n-ships-exact", "0"]
-    run = shared(tmp_path_factory, f"mode-{mode}" + ("-seed1" if mode == "sc" else ""), build_run(extra))
+    run = shared_sc_run(tmp_path_factory) if mode == "sc" else shared(tmp_path_factory, f"mode-{mode}", build_run(extra))
     out = run["out"]
     assert "ASR" in run["result"].stdout
     cfg = json.loads((out / "config.json").read_text())["config"]

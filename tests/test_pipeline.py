@@ -1,4 +1,4 @@
-"""The main job end to end: config errors, a tiny real run, resume after kill -9, the default run.
+"""The main job end to end: config errors, a tiny real run on a cold model cache, the default run.
 
 The tiny runs use the real SmolLM2-135M (fastest real model; it does not refuse, so the signed
 refusal score is skipped and recorded as such) with a handful of prompts.
@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_runs import sc_run
 from click.testing import CliRunner
 
 from safetyheads.cli import app
 from safetyheads.config import ConfigError, load_config
-
-SMALL = ["--model", "builtin:smollm2-135m-instruct", "--n-attribution", "4", "--n-ships-exact", "1", "--n-eval", "4",
-         "--n-harmless", "2", "--max-new-tokens", "6", "--steps", "2", "--prefilter-k", "3", "--random-controls", "1",
-         "--batch-size", "8", "--quiet"]
 
 
 def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
@@ -158,23 +154,20 @@ def _results(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One uninterrupted tiny run, shared by the tests below (each run costs minutes on CPU).
+    """The shared tiny run (tests/cli_runs.py: ``run SMALL --mode sc --seed 1``, also checked by test_cli and
+    test_provenance), made on an empty model cache of its own, so it took the cold path (assemble,
+    verify, dequantize, cache) whatever ran before it, a developer's warm SAFETYHEADS_TEST_CACHE included.
 
-    It gets its own empty model cache, so it always takes the cold path (assemble, verify, dequantize,
-    cache) whatever ran before it, a developer's warm SAFETYHEADS_TEST_CACHE included.
-    """
-    root = tmp_path_factory.mktemp("pipeline")
-    out, cache = root / "run", root / "cold-cache"
-    assert not cache.exists()
-    r = cli("run", *SMALL, "--out", str(out), cache=cache)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, r, cache
+    Resume after kill -9 and SIGINT inside each stage is tests/test_resume.py's (it replaced this
+    module's single kill test, which ran the same tiny run twice more)."""
+    run = sc_run(tmp_path_factory)
+    return run["out"], run["result"], run["cache"], run["args"]
 
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tiny_run):
     """`safetyheads run` on SmolLM2 writes every artifact and a report that names the heads."""
-    out, r, cache = tiny_run
+    out, r, cache, args = tiny_run
     for name in ("config.json", "prompts.json", "ships.json", "ships.safetensors", "ships_estimate.json",
                  "sahara.json", "evaluation.json", "report.html", "run.log"):
         assert (out / name).exists(), name
@@ -193,35 +186,17 @@ def test_tiny_run_end_to_end(tiny_run):
     built = [p.name for p in (cache / "models").iterdir() if p.is_dir()]
     assert built == ["smollm2-135m-instruct-b179c9523d0e"], built
     # … and --quiet kept the terminal free of every bar on it, the GGUF dequantizer's included
+    assert "--quiet" in args
     assert_no_progress_bars(r.stderr)
     assert "INFO" not in r.stderr
     # a second run of the same command does no work and changes nothing
     before = _results(out)
     t0 = time.perf_counter()
-    r2 = cli("run", *SMALL, "--out", str(out), cache=cache)
-    assert r2.returncode == 0
+    r2 = cli(*args, cache=cache)
+    assert r2.returncode == 0, r2.stderr[-3000:]
     assert _results(out) == before
     assert time.perf_counter() - t0 < 120
     assert_no_progress_bars(r2.stderr)
     # a different config in the same folder is refused
-    r3 = cli("run", *SMALL[:-1], "--steps", "3", "--out", str(out), "--quiet", cache=cache)
+    r3 = cli(*[a for a in args if a != "--quiet"], "--steps", "3", "--quiet", cache=cache)
     assert r3.returncode != 0 and "different configuration" in r3.stderr
-
-
-@pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted(tiny_run, tmp_path):
-    """kill -9 in the middle of a run, rerun the same command: the results equal an uninterrupted run."""
-    ref, cut = tiny_run[0], tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "safetyheads.cli", "run", *SMALL, "--out", str(cut)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (cut / "ships_estimate.json").exists():
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "evaluation.json").exists()
-    r = cli("run", *SMALL, "--out", str(cut))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert _results(cut) == _results(ref)
-    assert not list(cut.rglob("*.tmp"))

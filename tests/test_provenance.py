@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from cli_runs import MODEL, SC_RUN, build_run, reference, shared
+from cli_runs import MODEL, reference, sc_run
 
 from safetyheads.provenance import prompts_digest
 
@@ -31,7 +31,7 @@ DERIVED = {"ships_agreement.json": ("ships.json", "ships_estimate.json"), "heads
 def run(request, tmp_path_factory) -> Path:
     if request.param == "ua-seed0":
         return reference(tmp_path_factory)["out"]
-    return shared(tmp_path_factory, "mode-sc-seed1", build_run(SC_RUN))["out"]
+    return sc_run(tmp_path_factory)["out"]
 
 
 def _json(path: Path):
