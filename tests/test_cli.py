@@ -149,10 +149,7 @@ def test_report_subcommand(ref):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sc", pytest.param("mean", marks=pytest.mark.xfail(strict=True, reason=(
-    "mode 'mean' is not plumbed through the run: search.py (Sahara) and generation.py / evaluate.py call the "
-    "ablation without the heads' dataset means, so `run --mode mean` stops at Sahara with \"mode 'mean' needs "
-    "mean=head_means(...)\" (issue 11 item 5 report)")))])
+@pytest.mark.parametrize("mode", ["sc", "mean"])
 def test_run_in_other_modes(ref, tmp_path_factory, mode):
     """``run --mode sc`` / ``--mode mean`` go through every stage with that mode, and the mode reaches
     the engine (its Ships scores differ from the UA run's on the same prompts).
@@ -177,6 +174,13 @@ def test_run_in_other_modes(ref, tmp_path_factory, mode):
     assert ev["mode"] == mode and all(in_range(c["heads"]) for c in ev["conditions"])
     seed = 1 if mode == "sc" else 0
     assert [c["seed"] for c in ev["conditions"] if c["name"].startswith("random")] == [seed * 1000]
+    assert (out / "head_means.json").exists() == (mode == "mean")
+    if mode == "mean":  # one set of head means (made once, in the run folder) reached every stage
+        digest = json.loads((out / "head_means.json").read_text())["sha256"]
+        assert ev["provenance"]["mean_sha256"] == digest
+        stages = [json.loads((out / n).read_text())["config"] for n in ("sahara.json", "search.json") if (out / n).exists()]
+        stages += [json.loads(f.read_text())["config"] for f in (out / "responses").glob("*.config.json")]
+        assert stages and all(c["mean_sha256"] == digest for c in stages)
     ua = ShipsResult.load(ref["out"] / "ships_estimate")
     other = ShipsResult.load(out / "ships_estimate")
     if other.prompts == ua.prompts:

@@ -2,7 +2,8 @@
 
 The README: "Every result records the model, the data (file sha256 and row indices), the prompt
 format, the ablation mode and ε, the seed and the library versions". Checked on the shared real
-runs (tests/cli_runs.py: the UA reference run, seed 0, and the ``--mode sc --seed 1`` run), against
+runs (tests/cli_runs.py: the UA reference run, seed 0, and the ``--mode sc --seed 1`` run; and
+tests/test_cli.py's ``--mode mean`` run, whose head means are an artifact of their own), against
 independent facts — the dataset file's sha256 recomputed here, its rows read back here at the
 recorded indices, the installed library versions, the run's own config — so a record that is
 present but wrong fails too. Every JSON file the run writes must be one this test knows how to
@@ -18,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from cli_runs import MODEL, reference, sc_run
+import torch
+from cli_runs import MODEL, build_run, reference, sc_run, shared
 
 from safetyheads.provenance import prompts_digest
 
@@ -27,10 +29,16 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 DERIVED = {"ships_agreement.json": ("ships.json", "ships_estimate.json"), "heads.json": ("sahara.json",)}
 
 
-@pytest.fixture(scope="module", params=["ua-seed0", "sc-seed1"])
+#: the ``run --mode mean`` folder of tests/test_cli.py::test_run_in_other_modes (same name and flags: one run)
+MEAN_RUN = ["--mode", "mean", "--n-ships-exact", "0"]
+
+
+@pytest.fixture(scope="module", params=["ua-seed0", "sc-seed1", "mean-seed0"])
 def run(request, tmp_path_factory) -> Path:
     if request.param == "ua-seed0":
         return reference(tmp_path_factory)["out"]
+    if request.param == "mean-seed0":
+        return shared(tmp_path_factory, "mode-mean", build_run(MEAN_RUN))["out"]
     return sc_run(tmp_path_factory)["out"]
 
 
@@ -88,7 +96,18 @@ def test_every_json_artifact_has_provenance(run):
 
     attr, held_out = prompts["attribution"], prompts["eval"]
     result("ships_estimate.json", attr, "attribution")
-    result("ships.json", attr[: cfg["n_ships_exact"]], "attribution")
+    if cfg["n_ships_exact"]:
+        result("ships.json", attr[: cfg["n_ships_exact"]], "attribution")
+    assert (run / "head_means.json").exists() == (cfg["mode"] == "mean")
+    if cfg["mode"] == "mean":  # the head means every stage ablates with, over the attribution prompts
+        from safetensors.torch import load_file
+
+        result("head_means.json", attr, "attribution", seed=())
+        hm = _json(run / "head_means.json")
+        mean = load_file(str(run / "head_means.safetensors"))["mean"]
+        assert hm["sha256"] == hashlib.sha256(mean.double().numpy().tobytes()).hexdigest()
+        assert tuple(mean.shape) == (30, 9, 64) == tuple(hm["shape"]) and mean.dtype == torch.float64
+        assert hm["over"].startswith(f"the {len(attr)} attribution prompts") and mean.abs().sum() > 0
     result("sahara.json", attr, "attribution")
     ev = result("evaluation.json", held_out, "eval", seed=())  # the evaluation's seed is the run's
     rt = result("refusal_tokens.json", attr, "attribution", mode=None, eps=None, seed=())  # unablated

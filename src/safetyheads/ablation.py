@@ -20,6 +20,7 @@ Modes (SPEC §1):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,30 @@ def check_eps(mode: Mode, eps: float) -> float:
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return eps
+
+
+def check_mean(model: nn.Module, mode: Mode | str, mean: torch.Tensor | None) -> torch.Tensor | None:
+    """The head means to ablate with: for mode ``mean`` ``mean`` itself, checked (given, and
+    ``[layers, heads, head_dim]``); for other modes None (a given ``mean`` is ignored).
+
+    Raises ValueError naming :func:`head_means` when mode is ``mean`` and no mean is given, so a
+    library function fails before any work rather than at its first ablated forward."""
+    if Mode.parse(mode) is not Mode.MEAN:
+        return None
+    if mean is None:
+        raise ValueError("mode 'mean' needs mean=head_means(model, ...) (the dataset mean of each head's output)")
+    g = get_adapter(model).geometry
+    if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != (g.n_layers, g.n_heads, g.head_dim):
+        got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+        raise ValueError(f"mean must be [{g.n_layers}, {g.n_heads}, {g.head_dim}] (from head_means), got {got}")
+    return mean
+
+
+def mean_digest(mean: torch.Tensor | None) -> str | None:
+    """sha256 of the head means (float64 bytes), to record and to key checkpoints by; None for None."""
+    if mean is None:
+        return None
+    return hashlib.sha256(mean.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- strategies
@@ -179,11 +204,7 @@ class Ablation:
         g = self.adapter.geometry
         if strength.dim() != 3 or strength.shape[1:] != (g.n_layers, g.n_heads):
             raise ValueError(f"strength must be [rows, {g.n_layers}, {g.n_heads}], got {tuple(strength.shape)}")
-        if mode is Mode.MEAN:
-            if mean is None:
-                raise ValueError("mode 'mean' needs mean=head_means(model, ...) (the dataset mean of each head's output)")
-            if tuple(mean.shape) != (g.n_layers, g.n_heads, g.head_dim):
-                raise ValueError(f"mean must be [{g.n_layers}, {g.n_heads}, {g.head_dim}], got {tuple(mean.shape)}")
+        check_mean(model, mode, mean)
         self.strength = strength
         self.mode = mode
         windows = [_sliding_window(a) for a in self.adapter.attns]

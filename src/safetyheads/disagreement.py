@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .ablation import Head, Mode, check_eps
+from .ablation import Head, Mode, check_eps, check_mean, mean_digest
 from .adapters import get_adapter, validate_heads
 from .forward import input_device
 from .prompts import encode_prompts, format_prompts
@@ -180,6 +180,7 @@ def disagreement(
     sahara_angle: Mapping[Head, float] | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> Disagreement:
     """The per-head table of why ``methods`` disagree (see the module docstring).
 
@@ -195,16 +196,19 @@ def disagreement(
             ``{head: score}`` covering every head (e.g. :func:`~safetyheads.search.signed_effects`),
             instead of recomputing them; ``sahara_angle`` likewise as ``{head: angle}``.
         batch_size: prompts per forward of the exact single-head scores.
+        mean: for ``mode="mean"`` (required there), the head means of the exact single-head scores
+            (:func:`~safetyheads.ablation.head_means`).
     """
     mode_ = Mode.parse(mode)
     eps = check_eps(mode_, eps)
+    mean = check_mean(model, mode_, mean)
     g = get_adapter(model).geometry
     lists = {str(m): validate_heads(list(hs), g) for m, hs in methods.items()}
     if not lists:
         raise ValueError("no methods given")
     union = list(dict.fromkeys(h for hs in lists.values() for h in hs))
     common = dict(mode=mode_, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt, batch_size=batch_size,
-                  progress=progress)
+                  progress=progress, mean=mean)
     sources: dict[str, str] = {}
 
     def from_grid(t, name: str, objective: str, **kw) -> dict[Head, float]:
@@ -251,6 +255,8 @@ def disagreement(
               "refusal_tokens": None if refusal_tokens is None else [int(t) for t in refusal_tokens],
               "first_token_attention": "mean over prompts of the attention weight at the last position on position 0 "
                                        "(unpadded, eager attention, unablated)"}
+    if mean is not None:
+        config["mean_sha256"] = mean_digest(mean)
     prov = provenance(model, prompts, prompt_format=str(prompt_format), mode=mode_.value, eps=eps,
                       system_prompt=system_prompt)
     return Disagreement(rows, lists, config, prov)

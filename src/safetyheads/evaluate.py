@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .ablation import Head, Mode, ablate, check_eps
+from .ablation import Head, Mode, ablate, check_eps, check_mean, mean_digest
 from .adapters import get_adapter, validate_heads
 from .evaluation import (
     REFUSAL_METRIC_FILE,
@@ -491,19 +491,22 @@ def teacher_forced_kl(
     system_prompt: str | None = None,
     batch_size: int = 4,
     progress: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Mean per-token KL(unablated ‖ ablated) of next-token distributions along given responses.
 
     Each prompt is formatted, followed by its (unablated) response tokens, and run once unablated
     and once per head set; the KL over the full vocabulary (float64) is averaged over every
     position from the last prompt token through the last response token, token-weighted over all
-    prompts. Returns ``{name: mean KL}`` for each entry of ``head_sets``.
+    prompts. Returns ``{name: mean KL}`` for each entry of ``head_sets``. ``mean``: for
+    ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
     """
     prompts = _check_prompts(prompts, "harmless prompts")
     if len(responses) != len(prompts):
         raise EvaluationError(f"{len(prompts)} prompts but {len(responses)} responses")
     mode_ = Mode.parse(mode)
     eps = check_eps(mode_, eps)
+    mean = check_mean(model, mode_, mean)
     g = get_adapter(model).geometry
     sets = {name: validate_heads(h, g) for name, h in head_sets.items()}
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
@@ -537,7 +540,7 @@ def teacher_forced_kl(
         base = F.log_softmax(model(**inputs).logits[:, -keep:].double(), -1)[sel.to(dev)]
         count += int(sel.sum())
         for name, heads in sets.items():
-            with ablate(model, heads, mode=mode_, eps=eps):
+            with ablate(model, heads, mode=mode_, eps=eps, mean=mean):
                 lp = F.log_softmax(model(**inputs).logits[:, -keep:].double(), -1)[sel.to(dev)]
             totals[name] += float(F.kl_div(lp, base, log_target=True, reduction="sum"))
         bar.update(len(chunk))
@@ -576,6 +579,7 @@ def evaluate_conditions(
     stats_seed: int = 0,
     alpha: float = 0.05,
     random_kind: str | None = None,
+    mean: torch.Tensor | None = None,
 ) -> Evaluation:
     """Generate, judge and score every condition; paired statistics vs the baseline; resumable through ``out_dir``.
 
@@ -603,6 +607,8 @@ def evaluate_conditions(
             first baseline on the same prompts; a condition's ``control_for`` key names the head set
             it is a random control of (its rank among its controls is reported).
         random_kind: how the random controls were drawn (recorded only).
+        mean: for ``mode="mean"`` (required there), the head means every condition is ablated with
+            (:func:`~safetyheads.ablation.head_means`); their sha256 is part of each condition's settings.
         batch_size: rows (prompt × condition pairs) per generation batch: all conditions that are
             not loaded from ``out_dir`` are generated together (:func:`generate_many`).
         Others: as in :func:`generate`.
@@ -611,6 +617,7 @@ def evaluate_conditions(
     judge_ = _get_judge(judge)
     mode_ = Mode.parse(mode)
     eps = check_eps(mode_, eps)
+    mean = check_mean(model, mode_, mean)
     fmt = str(getattr(prompt_format, "value", prompt_format))
     _check_generation(max_new_tokens, sampling, top_k, temperature, seed, batch_size)
     specs = [_normalise_condition(model, c, len(prompts)) for c in conditions]
@@ -637,9 +644,11 @@ def evaluate_conditions(
     settings = _settings(model, tokenizer, mode=mode_.value, eps=eps, prompt_format=fmt, system_prompt=system_prompt,
                          max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k, temperature=temperature,
                          seed=seed)
+    if mean is not None:  # mode "mean": stored responses count only for the same head means
+        settings["mean_sha256"] = mean_digest(mean)
     gen_kw = dict(mode=mode_, eps=eps, prompt_format=fmt, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
                   sampling=sampling, top_k=top_k, temperature=temperature, seed=seed, batch_size=batch_size,
-                  progress=progress)
+                  progress=progress, mean=mean)
     groups = [(prompts, specs)] + ([(harmless_list, h_specs)] if harmless_list is not None else [])
     score_tokens = sorted({int(t) for t in refusal_tokens}) if refusal_metric and refusal_tokens else None
     done, fresh = _run_conditions(model, tokenizer, groups, settings, judge_, out, gen_kw, score_tokens)
@@ -650,7 +659,7 @@ def evaluate_conditions(
     if refusal_metric:
         metric_rec = _refusal_metrics(model, tokenizer, results, refusal_tokens, settings, out,
                                       dict(mode=mode_, eps=eps, prompt_format=fmt, system_prompt=system_prompt,
-                                           batch_size=batch_size, progress=progress), fresh)
+                                           batch_size=batch_size, progress=progress, mean=mean), fresh)
     controls, stats_rec = _paired_statistics(results, n_boot=n_boot, seed=stats_seed, alpha=alpha,
                                              random_kind=random_kind)
     util: list[dict[str, Any]] = []
@@ -662,7 +671,7 @@ def evaluate_conditions(
         elif ablated:
             kls = teacher_forced_kl(model, tokenizer, harmless_list, base.responses, ablated, mode=mode_, eps=eps,
                                     prompt_format=fmt, system_prompt=system_prompt,
-                                    batch_size=max(1, min(4, batch_size)), progress=progress)
+                                    batch_size=max(1, min(4, batch_size)), progress=progress, mean=mean)
             util = [{"name": name, "metric": UTILITY_METRIC, "value": v} for name, v in kls.items()]
     prov = provenance(model, prompts, prompt_format=prompt_format_info(fmt, system_prompt, tokenizer=tokenizer),
                       mode=mode_.value, eps=eps, seed=seed, judge=_judge_name(judge_),
@@ -679,6 +688,8 @@ def evaluate_conditions(
                                                                    "sha256": prompts_digest(harmless_list)},
                       harmless_conditions=[{"name": c.name, "method": c.method, "k": c.k, "heads": c.heads_json()}
                                            for c in over])
+    if mean is not None:
+        prov["mean_sha256"] = mean_digest(mean)
     if hasattr(harmless, "provenance") and callable(harmless.provenance):
         prov["harmless"] = harmless.provenance()
     if callable(getattr(prompt_set, "provenance", None)):  # a PromptSet: its file sha256 and row indices too
@@ -714,6 +725,7 @@ def evaluate(
     random_kind: str = "layer-matched",
     refusal_tokens: Sequence[int] | None = None,
     refusal_metric: bool = True,
+    mean: torch.Tensor | None = None,
 ) -> Evaluation:
     """Ablate ``heads``: ASR unablated vs ablated, random-head controls, paired statistics, utility.
 
@@ -726,6 +738,7 @@ def evaluate(
     :func:`evaluate_conditions`). With ``harmless`` prompts: over-refusal of ``harmless-baseline``
     vs ``harmless-ablated`` and the teacher-forced KL of the ablation along the unablated harmless
     responses. Greedy decoding. ``out_dir`` makes it resumable as in :func:`evaluate_conditions`.
+    ``mean``: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
     """
     heads_ = validate_heads(heads, get_adapter(model).geometry)
     if len(set(heads_)) != len(heads_):
@@ -748,4 +761,4 @@ def evaluate(
                                judge=judge, prompt_format=prompt_format, system_prompt=system_prompt,
                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress,
                                refusal_tokens=refusal_tokens, refusal_metric=refusal_metric,
-                               random_kind=random_kind if heads_ and random_controls else None)
+                               random_kind=random_kind if heads_ and random_controls else None, mean=mean)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .ablation import Head, Mode, ablate, check_eps
+from .ablation import Head, Mode, ablate, check_eps, check_mean, mean_digest
 from .adapters import get_adapter, validate_heads
 from .forward import position_ids_from_mask
 from .prompts import encode_prompts, format_prompts
@@ -156,7 +156,7 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k:
 def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]] | None, heads: list[Head], mode: Mode,
                   eps: float, max_new_tokens: int, eos: set[int], generators: list[torch.Generator] | None,
                   top_k: int, temperature: float, on_first: Callable[[torch.Tensor], None] | None = None,
-                  ) -> list[list[int]]:
+                  mean: torch.Tensor | None = None) -> list[list[int]]:
     """Greedy / sampled decoding of one left-padded batch with a KV cache.
 
     Rows that reach EOS or ``max_new_tokens`` leave the batch (their cache rows are dropped), so
@@ -170,7 +170,8 @@ def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]
     pos = position_ids_from_mask(mask)
     cur, cache = ids, None
     cache_arg, extra = _forward_style(model)
-    ablation = ablate(model, mode=mode, eps=eps, rows=ctx_rows) if ctx_rows is not None else ablate(model, heads, mode=mode, eps=eps)
+    ablation = (ablate(model, mode=mode, eps=eps, rows=ctx_rows, mean=mean) if ctx_rows is not None
+                else ablate(model, heads, mode=mode, eps=eps, mean=mean))
     with ablation as ab:
         for _ in range(max_new_tokens):
             o = model(input_ids=cur, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: cache}, **extra)
@@ -250,12 +251,15 @@ def _read_checkpoint(path: Path, digest: str) -> dict[str, dict[str, Any]]:
 
 
 def _settings_digest(model, fmt: str, system_prompt: str | None, mode: Mode, eps: float, max_new_tokens: int,
-                     sampling: bool, top_k: int, temperature: float, seed: int, score_tokens: list[int] | None) -> str:
+                     sampling: bool, top_k: int, temperature: float, seed: int, score_tokens: list[int] | None,
+                     mean: torch.Tensor | None = None) -> str:
     from .provenance import model_record
 
     rec = {"v": GENERATION_VERSION, "model": model_record(model), "format": fmt, "system_prompt": system_prompt,
            "mode": mode.value, "eps": eps, "max_new_tokens": max_new_tokens,
            "sampling": [top_k, temperature, seed] if sampling else None, "score_tokens": score_tokens}
+    if mean is not None:  # mode "mean": the head means are a setting too (absent otherwise: digests unchanged)
+        rec["mean_sha256"] = mean_digest(mean)
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -277,6 +281,7 @@ def generate_many(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     desc: str | None = None,
+    mean: torch.Tensor | None = None,
 ) -> list[list[list[int]]]:
     """Generate for several jobs at once, in shared batches; returns ``out[job][prompt]`` token ids.
 
@@ -290,6 +295,7 @@ def generate_many(
         checkpoint: a JSON-lines file that records every finished row (see the module doc); it
             is reused only when made with the same model and settings. Removing it is up to the
             caller.
+        mean: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
         Others: as in :func:`generate`.
 
     Returns:
@@ -298,7 +304,7 @@ def generate_many(
     return _generate(model, tokenizer, jobs, mode=mode, eps=eps, prompt_format=prompt_format,
                      system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
                      temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
-                     checkpoint=checkpoint, desc=desc, refusal_tokens=None)[0]
+                     checkpoint=checkpoint, desc=desc, refusal_tokens=None, mean=mean)[0]
 
 
 def generate_and_score(
@@ -327,7 +333,8 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
               prompt_format: str = "chat", system_prompt: str | None = None, max_new_tokens: int = 128,
               sampling: bool = False, top_k: int = 5, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
               progress: bool = True, checkpoint: str | Path | None = None, desc: str | None = None,
-              refusal_tokens: list[int] | None = None) -> tuple[list[list[list[int]]], list[list[Any]]]:
+              refusal_tokens: list[int] | None = None, mean: torch.Tensor | None = None,
+              ) -> tuple[list[list[list[int]]], list[list[Any]]]:
     if isinstance(jobs, Mapping):
         raise TypeError("jobs must be a sequence of job dicts, not one dict")
     jobs = list(jobs)
@@ -336,6 +343,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
     _check_generation(max_new_tokens, sampling, top_k, temperature, seed, batch_size)
     mode_ = Mode.parse(mode)
     eps = check_eps(mode_, eps)
+    mean = check_mean(model, mode_, mean)
     fmt = str(getattr(prompt_format, "value", prompt_format))
     parsed = [_job_rows(model, job, j) for j, job in enumerate(jobs)]
     # format and measure every distinct prompt once
@@ -362,7 +370,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
     done: dict[str, dict[str, Any]] = {}
     if path is not None:
         digest = _settings_digest(model, fmt, system_prompt, mode_, eps, max_new_tokens, sampling, top_k, temperature,
-                                  seed, refusal_tokens)
+                                  seed, refusal_tokens, mean)
         done = _read_checkpoint(path, digest)
         if not done:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +394,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
             first: list[tuple[float, float]] = []
             on_first = None if score_idx is None else (lambda lg, first=first: first.extend(_first_scores(lg, score_idx)))
             got = _decode_batch(model, enc, [rows[r][3] for r in batch], [], mode_, eps, max_new_tokens, eos, gens,
-                                top_k, temperature, on_first=on_first)
+                                top_k, temperature, on_first=on_first, mean=mean)
             for b, (r, toks) in enumerate(zip(batch, got)):
                 out[rows[r][0]][rows[r][1]] = toks
                 if score_idx is not None:
@@ -430,6 +438,7 @@ def generate_ids(
     progress: bool = True,
     rows: Sequence[Sequence[Head]] | None = None,
     desc: str | None = None,
+    mean: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Like :func:`generate`, but returns each response's new token ids (cut before the first EOS)."""
     prompts = _check_prompts(prompts)
@@ -439,7 +448,8 @@ def generate_ids(
                                                                                       "heads": list(heads)}
     return generate_many(model, tokenizer, [job], mode=mode, eps=eps, prompt_format=prompt_format,
                          system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
-                         temperature=temperature, seed=seed, batch_size=batch_size, progress=progress, desc=desc)[0]
+                         temperature=temperature, seed=seed, batch_size=batch_size, progress=progress, desc=desc,
+                         mean=mean)[0]
 
 
 def generate(
@@ -460,6 +470,7 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     rows: Sequence[Sequence[Head]] | None = None,
+    mean: torch.Tensor | None = None,
 ) -> list[str]:
     """Generate a response to every prompt, with ``heads`` ablated (none: the unablated model).
 
@@ -475,11 +486,13 @@ def generate(
         batch_size: prompts per batch (left-padded; KV cache on).
         rows: instead of ``heads``, one head list per prompt: prompt ``i`` ablates ``rows[i]`` —
             all in one batch (the per-query experiment).
+        mean: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
 
     Returns:
         one decoded response per prompt (new tokens only, cut at EOS, special tokens skipped).
     """
     ids = generate_ids(model, tokenizer, prompts, heads=heads, mode=mode, eps=eps, prompt_format=prompt_format,
                        system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
-                       temperature=temperature, seed=seed, batch_size=batch_size, progress=progress, rows=rows)
+                       temperature=temperature, seed=seed, batch_size=batch_size, progress=progress, rows=rows,
+                       mean=mean)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]

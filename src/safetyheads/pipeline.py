@@ -11,6 +11,8 @@ Run folder::
     config.json            resolved config (+ digest)
     prompts.json           attribution / evaluation / harmless prompts and their provenance
     refusal_tokens.json    refusal-start tokens derived from the model's own refusals
+    head_means.*           mode 'mean' only: each head's mean output over the attribution prompts (Ships format),
+                           the ``mean`` of every stage's ablation (computed once, reused on resume)
     ships_estimate.*       estimated Ships (Fisher KL, refusal-gradient) on all attribution prompts
     ships.*                exact Ships on the first n_ships_exact attribution prompts
     ships_agreement.json   estimator vs exact (Spearman, top-10 recall)
@@ -220,13 +222,40 @@ class Run:
             _json(path, record)
         return _read(path)["tokens"]
 
+    def _head_means(self) -> torch.Tensor | None:
+        """Mode ``mean``: the head means every stage ablates with (None for other modes) — each head's
+        output averaged over the attribution prompts in the Ships stage's format
+        (:func:`safetyheads.ships.dataset_means`; one unablated forward per prompt), computed once per
+        run and kept in ``head_means.safetensors`` / ``head_means.json`` (with provenance), so a resumed
+        run ablates with the very same tensor."""
+        from .ablation import Mode
+
+        if Mode.parse(self.cfg.mode) is not Mode.MEAN:
+            return None
+        from .ablation import mean_digest
+        from .provenance import load_tensors_json, save_tensors_json
+
+        stem = self.out / "head_means"
+        if not stem.with_suffix(".json").exists():  # written after the tensors: it marks a complete artifact
+            from .ships import MEANS_OVER, dataset_means
+
+            c, P = self.cfg, self.prompt_set("attribution")
+            mean = dataset_means(self.model, self.tokenizer, P, prompt_format=c.stage_format("ships"),
+                                 system_prompt=c.system_prompt)
+            save_tensors_json(stem, {"mean": mean}, {
+                "kind": "head_means", "shape": list(mean.shape), "dtype": str(mean.dtype).replace("torch.", ""),
+                "over": f"the {len(P)} attribution prompts: {MEANS_OVER}", "sha256": mean_digest(mean),
+                "provenance": provenance(self.model, P, prompt_format=c.stage_format("ships"), mode=c.mode, eps=c.eps,
+                                         seed=c.seed, system_prompt=c.system_prompt)})
+        return load_tensors_json(stem)[0]["mean"]
+
     def stage_ships(self) -> None:
         from .ships import ShipsResult, agreement, ships, ships_estimate
 
         c, P = self.cfg, self.prompt_set("attribution")
         rt = self._refusal_tokens()
         common = dict(mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
-                      progress=self.progress)
+                      progress=self.progress, mean=self._head_means())
         if not (self.out / "ships_estimate.json").exists():
             est = ships_estimate(self.model, self.tokenizer, P, estimator="fisher", batch_size=min(8, c.batch_size), **common)
             if rt is not None:
@@ -268,7 +297,7 @@ class Run:
                      preset=c.sahara_preset, prompt_format=c.stage_format("sahara"), system_prompt=c.system_prompt,
                      prefilter=None if c.prefilter == "none" else c.prefilter, prefilter_k=c.prefilter_k,
                      prefilter_scores=est, refusal_tokens=self._refusal_tokens(), batch_size=c.batch_size,
-                     checkpoint=self.out / "sahara.ckpt.json", progress=self.progress)
+                     checkpoint=self.out / "sahara.ckpt.json", progress=self.progress, mean=self._head_means())
         res.save(self.out / "sahara.json")
         (self.out / "sahara.ckpt.json").unlink(missing_ok=True)
         self._write_headline()
@@ -300,7 +329,7 @@ class Run:
                                system_prompt=c.system_prompt, prefilter=None if c.prefilter == "none" else c.prefilter,
                                prefilter_k=c.prefilter_k, prefilter_scores=scores,
                                refusal_tokens=rt, batch_size=c.batch_size, checkpoint=self.out / "search.ckpt.json",
-                               progress=self.progress)
+                               progress=self.progress, mean=self._head_means())
             res.save(self.out / "search.json")
             (self.out / "search.ckpt.json").unlink(missing_ok=True)
             (self.out / "heads.json").unlink(missing_ok=True)  # the search's heads may now head the list
@@ -324,11 +353,12 @@ class Run:
         conds, _ = self.conditions()
         attr = self.prompt_set("attribution")
         fmt = dict(mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt)
+        mean = self._head_means()
         spath = self.out / "signed_effects.json"
         if rt is not None and not spath.exists():
             heads = sorted({tuple(h) for cond in conds for h in cond["heads"]})
             eff = signed_effects(self.model, self.tokenizer, attr, heads, refusal_tokens=rt, batch_size=c.batch_size,
-                                 **fmt)
+                                 mean=mean, **fmt)
             _json(spath, {"meaning": "mean drop of the refusal log-odds over the attribution prompts when the head "
                                      "alone is ablated (> 0: the head holds refusal up; < 0: its ablation raises "
                                      "refusal)", **fmt, "refusal_tokens": rt, "n_prompts": len(attr),
@@ -361,7 +391,7 @@ class Run:
         preset = PRESETS[c.sahara_preset]
         d = disagreement(self.model, self.tokenizer, attr, methods, refusal_tokens=rt, refusal_drop=signed,
                          sahara_angle=sah.steps[0].scores if same and sah.steps else None, rank=preset["rank"],
-                         center=preset["center"], direction=direction, batch_size=c.batch_size, **fmt)
+                         center=preset["center"], direction=direction, batch_size=c.batch_size, mean=mean, **fmt)
         d.save(dpath)
 
     def _write_headline(self) -> None:
@@ -385,7 +415,7 @@ class Run:
 
             res = ships(self.model, self.tokenizer, self.prompts["attribution"], heads=heads, refusal_tokens=rt,
                         mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
-                        progress=False)
+                        progress=False, mean=self._head_means())
             mean = res.mean("refusal")
             signed = [float(mean[h]) for h in heads]
         _json(path, {"method": method, "mode": c.mode, "eps": c.eps, "heads": [list(h) for h in heads],
@@ -453,7 +483,8 @@ class Run:
                                      eps=c.eps, judge=c.judge, prompt_format=c.stage_format("eval"),
                                      system_prompt=c.system_prompt, max_new_tokens=c.max_new_tokens,
                                      batch_size=c.batch_size, seed=c.seed, progress=self.progress,
-                                     refusal_tokens=self._refusal_tokens(), random_kind=c.random_kind)
+                                     refusal_tokens=self._refusal_tokens(), random_kind=c.random_kind,
+                                     mean=self._head_means())
             ev.provenance["eval_dataset"] = name
             if "indices" not in ev.provenance.get("data", {}):  # evaluate_conditions keeps only the texts' sha256
                 ev.provenance["data"] = _data_record(harmful)

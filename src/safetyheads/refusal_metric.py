@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .ablation import Head, Mode, ablate_strengths, check_eps, heads_to_strength
+from .ablation import Head, Mode, ablate_strengths, check_eps, check_mean, heads_to_strength
 from .adapters import get_adapter, validate_heads
 from .forward import input_device, position_ids_from_mask
 from .generation import (
@@ -106,6 +106,7 @@ def refusal_metric_many(
     system_prompt: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> list[RefusalMetric]:
     """The refusal metric of several conditions in shared batches; one :class:`RefusalMetric` per job.
 
@@ -115,6 +116,7 @@ def refusal_metric_many(
         refusal_tokens: the token ids R.
         batch_size: rows (prompt × job pairs) per forward pass.
         mode, eps, prompt_format, system_prompt: as for generation.
+        mean: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
     """
     if isinstance(jobs, Mapping):
         raise TypeError("jobs must be a sequence of job dicts, not one dict")
@@ -125,6 +127,7 @@ def refusal_metric_many(
         raise EvaluationError(f"batch_size must be a positive int, got {batch_size!r}")
     mode_ = Mode.parse(mode)
     eps = check_eps(mode_, eps)
+    mean = check_mean(model, mode_, mean)
     toks = _tokens(model, refusal_tokens)
     fmt = str(getattr(prompt_format, "value", prompt_format))
     g = get_adapter(model).geometry
@@ -158,7 +161,7 @@ def refusal_metric_many(
             batch = items[start:start + batch_size]
             enc = encode_prompts(tokenizer, [texts[r[2]] for r in batch], device=dev)
             strength = heads_to_strength(model, [r[3] for r in batch])
-            with ablate_strengths(model, strength, mode=mode_, eps=eps):
+            with ablate_strengths(model, strength, mode=mode_, eps=eps, mean=mean):
                 logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False,
                                **extra).logits[:, -1]
@@ -186,6 +189,7 @@ def refusal_metric(
     system_prompt: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> RefusalMetric:
     """Refusal probability mass and log-odds at the first answer position of every prompt.
 
@@ -204,7 +208,7 @@ def refusal_metric(
                                                                                       "heads": list(heads)}
     return refusal_metric_many(model, tokenizer, [job], refusal_tokens=refusal_tokens, mode=mode, eps=eps,
                                prompt_format=prompt_format, system_prompt=system_prompt, batch_size=batch_size,
-                               progress=progress)[0]
+                               progress=progress, mean=mean)[0]
 
 
 def refusal_agreement(log_odds: Sequence[float], refused: Sequence[bool]) -> dict[str, Any]:

@@ -78,6 +78,7 @@ def sahara(
     checkpoint_every_s: float = 60.0,
     progress: bool = True,
     shard: Any = None,
+    mean: torch.Tensor | None = None,
 ) -> SaharaResult:
     """Greedy dataset-level search for the heads whose joint ablation most moves the representation.
 
@@ -106,6 +107,8 @@ def sahara(
             ``shard.gather`` returns every candidate's score, so all processes choose the same head.
             It keeps its own per-process checkpoints: do not pass ``checkpoint`` with it. The
             ``"exact-subset"`` prefilter is shared the same way.
+        mean: for ``mode="mean"`` (required there), each head's dataset-mean output
+            (:func:`~safetyheads.ablation.head_means`, :func:`~safetyheads.ships.dataset_means`).
     Returns:
         :class:`SaharaResult`: ``heads`` in the order chosen and every step's candidate scores.
 
@@ -122,7 +125,7 @@ def sahara(
                        prefilter=prefilter, prefilter_k=prefilter_k, prefilter_scores=prefilter_scores,
                        refusal_tokens=refusal_tokens, rank=rank, center=center, space=space, batch_size=batch_size,
                        reuse=reuse, checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, progress=progress,
-                       shard=shard, _label="Sahara")
+                       shard=shard, mean=mean, _label="Sahara")
     config = dict(res.config)
     config["preset"] = preset
     return SaharaResult(res.heads, res.steps, config, res.provenance, res.signed)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .ablation import Head, Mode, check_eps, heads_to_strength
+from .ablation import Head, Mode, check_eps, check_mean, heads_to_strength, mean_digest
 from .ablation import ablate_strengths as _ablate
 from .adapters import get_adapter, validate_heads
 from .forward import last_token_hidden, last_token_logits, reuse_residual
@@ -195,13 +195,15 @@ class _Residuals:
     :meth:`rebase` moves it to the heads already chosen). An ablation that adds heads to ``under``
     changes nothing below the lowest added head's layer, so only the layers from there on run — in
     every greedy step, not just the first. Exact: the same operations on the same batch shapes.
+    ``mean``: the head means every ablation of mode ``mean`` uses (:func:`~safetyheads.ablation.head_means`).
     """
 
     def __init__(self, model, tokenizer, texts: list[str], batch_size: int, reuse: bool,
-                 readout: str = "hidden") -> None:
+                 readout: str = "hidden", mean: torch.Tensor | None = None) -> None:
         if readout not in ("hidden", "logits"):
             raise ValueError(f"readout must be 'hidden' or 'logits', got {readout!r}")
         self.model = model
+        self.mean = mean
         self.batch_size = batch_size
         self.reuse = reuse
         self.read = last_token_hidden if readout == "hidden" else last_token_logits
@@ -223,7 +225,8 @@ class _Residuals:
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if strength is not None:
-                    stack.enter_context(_ablate(self.model, strength, mode=mode, eps=eps, attention_mask=mask))
+                    stack.enter_context(_ablate(self.model, strength, mode=mode, eps=eps, mean=self.mean,
+                                                attention_mask=mask))
                 h = self.read(self.model, ids, mask)
         finally:
             for hd in handles:
@@ -250,7 +253,7 @@ class _Residuals:
         out = []
         for (ids, mask, _, _), hidden in zip(self.blocks, cached):
             with torch.no_grad(), reuse_residual(self.model, low, hidden), \
-                    _ablate(self.model, strength, mode=mode, eps=eps, attention_mask=mask):
+                    _ablate(self.model, strength, mode=mode, eps=eps, mean=self.mean, attention_mask=mask):
                 out.append(self.read(self.model, ids, mask))
         return torch.cat(out).double()
 
@@ -378,6 +381,7 @@ def search_heads(
     progress: bool = True,
     shard: Any = None,
     signed: bool = True,
+    mean: torch.Tensor | None = None,
     _label: str = "search",
 ) -> SearchResult:
     """Exact greedy search for the group of heads whose joint ablation most moves ``objective``.
@@ -407,12 +411,16 @@ def search_heads(
         shard: share every step's candidates with other processes (a
             :class:`~safetyheads.shards.DistributedShard`); it keeps its own per-process
             checkpoints, so do not pass ``checkpoint`` with it.
+        mean: for ``mode="mean"`` (required there), each head's dataset-mean output
+            (:func:`~safetyheads.ablation.head_means`, :func:`~safetyheads.ships.dataset_means`);
+            its sha256 is part of the checkpoint's configuration.
     Returns:
         :class:`SearchResult`: the heads in the order chosen, every step's candidate scores and
         (with refusal tokens) each chosen head's signed effect on refusal.
     """
     mode = Mode.parse(mode)
     eps = check_eps(mode, eps)
+    mean = check_mean(model, mode, mean)
     obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
     if len(prompts) == 0:
         raise ValueError("no prompts given")
@@ -467,6 +475,8 @@ def search_heads(
         cfg.update(rank=rank, center=center, space=space)
     if objective == "refusal":
         cfg["refusal_tokens"] = rt.tolist()
+    if mean is not None:
+        cfg["mean_sha256"] = mean_digest(mean)
     if h_texts is not None:
         cfg.update(harmless_sha256=prompts_digest(h_texts), max_harmless_kl=max_harmless_kl)
     if prefilter == "estimate" and prefilter_scores is not None:
@@ -480,11 +490,11 @@ def search_heads(
             atomic_write_text(ckpt, json.dumps(state))
 
     t0 = time.perf_counter()
-    reps = _Residuals(model, tokenizer, texts, bs, reuse, obj.readout)
+    reps = _Residuals(model, tokenizer, texts, bs, reuse, obj.readout, mean=mean)
     obj.prepare(reps.base)
     harm = None
     if h_texts is not None:
-        harm = _Residuals(model, tokenizer, h_texts, bs, reuse, "logits")
+        harm = _Residuals(model, tokenizer, h_texts, bs, reuse, "logits", mean=mean)
         harm_kl = _KL()
         harm_kl.prepare(harm.base)
 
@@ -499,7 +509,7 @@ def search_heads(
     if prefilter and "kept" not in state:
         state["kept"] = [list(h) for h in _prefilter(
             model, tokenizer, prompts, cands, prefilter, prefilter_k, objective, rt, mode, eps, rank, center, space,
-            prompt_format, system_prompt, bs, progress, shard, prefilter_scores, _label)]
+            prompt_format, system_prompt, bs, progress, shard, prefilter_scores, _label, mean)]
         save_state()
     pool = [tuple(h) for h in state["kept"]] if prefilter else cands
 
@@ -565,7 +575,8 @@ def search_heads(
         effects = _signed_of(result_steps, chosen, objective, prefilter)
         if effects is None:
             effects = signed_effects(model, tokenizer, prompts, chosen, refusal_tokens=rt.tolist(), mode=mode, eps=eps,
-                                     prompt_format=prompt_format, system_prompt=system_prompt, batch_size=bs)
+                                     prompt_format=prompt_format, system_prompt=system_prompt, batch_size=bs,
+                                     mean=mean)
     prov = provenance(model, prompts, prompt_format=str(prompt_format), mode=mode.value, eps=eps,
                       system_prompt=system_prompt, seconds=round(time.perf_counter() - t0, 2))
     config = {k: v for k, v in cfg.items() if k != "candidates"}
@@ -605,7 +616,7 @@ def _signed_of(steps: list[SearchStep], chosen: list[Head], objective: str, pref
 
 
 def _prefilter(model, tokenizer, prompts, cands, how, k, objective, rt, mode, eps, rank, center, space, prompt_format,
-               system_prompt, batch_size, progress, shard=None, scores=None, label="search") -> list[Head]:
+               system_prompt, batch_size, progress, shard=None, scores=None, label="search", mean=None) -> list[Head]:
     """The ``k`` most promising candidates (see :func:`search_heads`)."""
     if len(cands) <= k:
         return list(cands)
@@ -617,17 +628,18 @@ def _prefilter(model, tokenizer, prompts, cands, how, k, objective, rt, mode, ep
         if objective == "refusal":
             est = ships_estimate(model, tokenizer, prompts, estimator="refusal-grad", refusal_tokens=rt.tolist(),
                                  mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
-                                 progress=progress).mean("refusal")
+                                 progress=progress, mean=mean).mean("refusal")
         else:
             est = ships_estimate(model, tokenizer, prompts, mode=mode, eps=eps, prompt_format=prompt_format,
-                                 system_prompt=system_prompt, progress=progress).mean("kl")
+                                 system_prompt=system_prompt, progress=progress, mean=mean).mean("kl")
         vals = {h: float(est[h]) for h in cands}
     else:
         n = max(min(8, len(prompts)), rank + 1) if objective == "subspace" else min(8, len(prompts))
         res = search_heads(model, tokenizer, list(prompts[:n]), objective=objective, steps=1, mode=mode, eps=eps,
                            refusal_tokens=None if rt is None else rt.tolist(), rank=rank, center=center, space=space,
                            prompt_format=prompt_format, system_prompt=system_prompt, candidates=cands,
-                           batch_size=batch_size, progress=progress, shard=shard, signed=False, _label=label)
+                           batch_size=batch_size, progress=progress, shard=shard, signed=False, mean=mean,
+                           _label=label)
         vals = res.steps[0].scores
     return sorted(cands, key=lambda h: -vals[h])[:k]
 
@@ -652,6 +664,7 @@ def head_scores(
     system_prompt: str | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> dict[Head, float]:
     """Each head's exact score on ``objective`` when it alone is ablated (mean over ``prompts``).
 
@@ -659,16 +672,18 @@ def head_scores(
     prompt batch, from the head's own layer), so the values equal the step-1 scores of
     :func:`search_heads` with the same ``batch_size``. ``"refusal"``: the signed effect on refusal;
     ``"kl"``: mean Ships (KL); ``"subspace"``: Sahara's single-head generalized Ships.
+    ``mean``: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
     """
     mode = Mode.parse(mode)
     eps = check_eps(mode, eps)
+    mean = check_mean(model, mode, mean)
     obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     heads = validate_heads(heads, get_adapter(model).geometry)
     bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
-    reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout)
+    reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout, mean=mean)
     obj.prepare(reps.base)
     out: dict[Head, float] = {}
     for h in tqdm(list(dict.fromkeys(heads)), desc=f"head scores ({objective})", disable=not progress):
@@ -689,13 +704,15 @@ def signed_effects(
     system_prompt: str | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> dict[Head, float]:
     """Each head's exact signed effect on refusal: the mean drop of the refusal log-odds over
     ``prompts`` when the head alone is ablated.
 
     Positive: the head holds refusal up (ablating it lowers refusal); negative: ablating it
     *raises* refusal. One forward per head per prompt batch (residual reused below the head).
+    ``mean``: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
     """
     return head_scores(model, tokenizer, prompts, heads, objective="refusal", refusal_tokens=refusal_tokens,
                        mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
-                       batch_size=batch_size, progress=progress)
+                       batch_size=batch_size, progress=progress, mean=mean)

@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .ablation import Head, Mode, ablate, ablate_strengths, check_eps, head_means, heads_to_strength
+from .ablation import (
+    Head,
+    Mode,
+    ablate,
+    ablate_strengths,
+    check_eps,
+    check_mean,
+    head_means,
+    heads_to_strength,
+)
 from .adapters import get_adapter, validate_heads
 from .forward import (
     at_least_float32,
@@ -259,6 +268,7 @@ def ships(
     g = get_adapter(model).geometry
     if mode is Mode.MEAN and mean is None:
         mean = _means_over(model, encoded)
+    mean = check_mean(model, mode, mean)
     bs = batch_size or _default_batch_size(model)
     kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan, dtype=score_dtype(model))
     refusal = torch.full_like(kl, math.nan) if rt is not None else None
@@ -326,6 +336,21 @@ def _means_over(model, encoded: list[torch.Tensor]) -> torch.Tensor:
         total = m if total is None else total + m
         n += ids.shape[1]
     return total / n
+
+
+MEANS_OVER = ("each head's output (its o_proj input slice) averaged over every token of every prompt (template "
+              "tokens included), each prompt formatted and run alone (no padding), unablated, token-weighted, float64")
+"""What the head means of :func:`dataset_means` (the default ``mean`` of :func:`ships`) average over."""
+
+
+def dataset_means(model, tokenizer, prompts: Sequence[str], *, prompt_format: str = "chat",
+                  system_prompt: str | None = None) -> torch.Tensor:
+    """The head means for ``mode="mean"`` over a prompt set: exactly what :func:`ships` and
+    :func:`ships_estimate` use when given no ``mean`` (see :data:`MEANS_OVER`).
+
+    Returns ``[layers, heads, head_dim]`` float64, for ``mean=`` of every function taking ``mode``.
+    """
+    return _means_over(model, _encode(model, tokenizer, prompts, prompt_format, system_prompt))
 
 
 def _scores(base_logits, logits, rt):
@@ -443,8 +468,11 @@ def ships_estimate(
     refusal_tokens: Sequence[int] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    mean: torch.Tensor | None = None,
 ) -> ShipsResult:
     """Estimate Ships for every head from one forward and a few backward passes per batch.
+
+    ``mean``: for ``mode="mean"``, the head means (default: :func:`dataset_means` of ``prompts``).
 
     Each head's ablation is linearised as a strength ``a`` in its output-site form (for UA: the
     head's output moving toward the running mean of its values, UA's ε→0 limit), and
@@ -475,7 +503,9 @@ def ships_estimate(
     kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan, dtype=score_dtype(model))
     refusal = torch.full_like(kl, math.nan) if estimator == "refusal-grad" else None
     encoded = _encode(model, tokenizer, prompts, prompt_format, system_prompt)  # empty / over-long prompts
-    mean = _means_over(model, encoded) if mode is Mode.MEAN else None
+    if mode is Mode.MEAN and mean is None:
+        mean = _means_over(model, encoded)
+    mean = check_mean(model, mode, mean)
     ad = get_adapter(model)
     dev = input_device(model)
     bar = tqdm(total=len(prompts), desc=f"Ships estimate ({estimator})", disable=not progress)
