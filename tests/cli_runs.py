@@ -33,6 +33,9 @@ SMALL = ["--model", MODEL, "--n-attribution", "2", "--n-ships-exact", "2", "--n-
 #: the ``--mode sc`` run: another seed too (so another split and random control), one prompt scored exactly
 SC_RUN = ["--mode", "sc", "--seed", "1", "--n-ships-exact", "1"]
 
+#: the ``--mode mean`` run (every stage gets the run's saved head means; no exact sweep, to stay cheap)
+MEAN_RUN = ["--mode", "mean", "--n-ships-exact", "0"]
+
 #: keys whose values are wall-clock facts, not results
 TIMING_KEYS = frozenset({"created", "seconds"})
 
@@ -102,6 +105,11 @@ def build_run(extra: list[str], *, cold_cache: bool = False) -> Callable[[Path],
         return {"out": out, "result": check(r, f"safetyheads run {' '.join(extra)}"), "seconds": s, "cache": cache,
                 "args": ["run", *SMALL, *extra, "--out", str(out)]}
     return build
+
+
+def mean_run(tmp_path_factory) -> dict[str, Any]:
+    """The shared ``run SMALL --mode mean`` (test_cli and test_provenance)."""
+    return shared(tmp_path_factory, "mode-mean", build_run(MEAN_RUN))
 
 
 def sc_run(tmp_path_factory) -> dict[str, Any]:

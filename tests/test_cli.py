@@ -16,7 +16,7 @@ import re
 
 import pytest
 import torch
-from cli_runs import MODEL, SC_RUN, SMALL, build_run, check, cli, reference, shared
+from cli_runs import MODEL, SMALL, check, cli, mean_run, reference
 from cli_runs import sc_run as shared_sc_run
 from click.testing import CliRunner
 
@@ -159,8 +159,7 @@ def test_run_in_other_modes(ref, tmp_path_factory, mode):
     and the random controls."""
     from safetyheads.ships import ShipsResult
 
-    extra = SC_RUN if mode == "sc" else ["--mode", mode, "--n-ships-exact", "0"]
-    run = shared_sc_run(tmp_path_factory) if mode == "sc" else shared(tmp_path_factory, f"mode-{mode}", build_run(extra))
+    run = shared_sc_run(tmp_path_factory) if mode == "sc" else mean_run(tmp_path_factory)
     out = run["out"]
     assert "ASR" in run["result"].stdout
     cfg = json.loads((out / "config.json").read_text())["config"]

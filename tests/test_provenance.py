@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import MODEL, build_run, reference, sc_run, shared
+from cli_runs import MODEL, mean_run, reference, sc_run
 
 from safetyheads.provenance import prompts_digest
 
@@ -29,16 +29,12 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 DERIVED = {"ships_agreement.json": ("ships.json", "ships_estimate.json"), "heads.json": ("sahara.json",)}
 
 
-#: the ``run --mode mean`` folder of tests/test_cli.py::test_run_in_other_modes (same name and flags: one run)
-MEAN_RUN = ["--mode", "mean", "--n-ships-exact", "0"]
-
-
 @pytest.fixture(scope="module", params=["ua-seed0", "sc-seed1", "mean-seed0"])
 def run(request, tmp_path_factory) -> Path:
     if request.param == "ua-seed0":
         return reference(tmp_path_factory)["out"]
     if request.param == "mean-seed0":
-        return shared(tmp_path_factory, "mode-mean", build_run(MEAN_RUN))["out"]
+        return mean_run(tmp_path_factory)["out"]
     return sc_run(tmp_path_factory)["out"]
 
 
