@@ -233,12 +233,17 @@ def test_run_in_mode_mean_passes_one_saved_mean_to_every_stage(model, tok, tmp_p
     signed = json.loads((out / "signed_effects.json").read_text())
     heads = [(a, b) for a, b, _ in signed["heads"]]
     want = signed_effects(model, tok, attr, heads, refusal_tokens=rt, mode="mean", mean=mean, batch_size=4)
-    assert [v for _, _, v in signed["heads"]] == [want[h] for h in heads]
+    # the run reads them off one exact Ships sweep (other batch shapes than head_scores): float64 rounding
+    assert [v for _, _, v in signed["heads"]] == pytest.approx([want[h] for h in heads], rel=1e-10, abs=1e-12)
     headline = json.loads((out / "heads.json").read_text())
     assert headline["method"] == "search-refusal" and headline["mode"] == "mean"
     exact = ships(model, tok, attr, heads=[tuple(h) for h in headline["heads"]], refusal_tokens=rt, mode="mean",
                   mean=mean, progress=False).mean("refusal")
-    assert headline["signed_effect"] == [float(exact[tuple(h)]) for h in headline["heads"]]
+    assert headline["signed_effect"] == pytest.approx([float(exact[tuple(h)]) for h in headline["heads"]],
+                                                      rel=1e-10, abs=1e-12)
+    # … and the headline's values are the head tables' (one sweep, not computed again)
+    table = {(a, b): v for a, b, v in signed["heads"]}
+    assert headline["signed_effect"] == [table[tuple(h)] for h in headline["heads"]]
     assert json.loads((out / "sahara.json").read_text())["config"]["mean_sha256"] == digest
     assert json.loads((out / "disagreement.json").read_text())["config"]["mean_sha256"] == digest
     configs = list((out / "responses").glob("*.config.json"))

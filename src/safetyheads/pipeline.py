@@ -103,6 +103,7 @@ class Run:
         self.progress = progress
         self.model, self.tokenizer = model, tokenizer
         self._log_handler: logging.Handler | None = None
+        self.stages: tuple[str, ...] = STAGES  # the stages of the current execute()
 
     # -- folder ---------------------------------------------------------------
     def _claim_folder(self) -> None:
@@ -300,13 +301,19 @@ class Run:
                      checkpoint=self.out / "sahara.ckpt.json", progress=self.progress, mean=self._head_means())
         res.save(self.out / "sahara.json")
         (self.out / "sahara.ckpt.json").unlink(missing_ok=True)
-        self._write_headline()
+        if not ("search" in self.stages and self._search_runs()):  # else the search stage writes the headline
+            self._write_headline()
 
     @property
     def search_objective(self) -> str | None:
         """The objective of the exact head search (None: not run)."""
         obj = self.cfg.search or "refusal"
         return None if obj == "none" else obj
+
+    def _search_runs(self) -> bool:
+        """Whether the search stage has an objective to search on (refusal needs the model's refusal tokens)."""
+        obj = self.search_objective
+        return obj is not None and not (obj == "refusal" and self._refusal_tokens() is None)
 
     def stage_search(self) -> None:
         """The exact greedy head search (:func:`safetyheads.search.search_heads`) on ``cfg.search``, with
@@ -333,63 +340,70 @@ class Run:
             res.save(self.out / "search.json")
             (self.out / "search.ckpt.json").unlink(missing_ok=True)
             (self.out / "heads.json").unlink(missing_ok=True)  # the search's heads may now head the list
-            self._write_headline()
         self._write_head_tables()
+        self._write_headline()  # after the tables: it reads its heads' signed effects from signed_effects.json
 
     def _write_head_tables(self) -> None:
         """``signed_effects.json``: every head of every reported head set (each harmful-prompt condition, the
         random controls included) with its exact signed effect on refusal (mean drop of the refusal log-odds
-        over the attribution prompts when it alone is ablated; one forward per head per prompt batch).
+        over the attribution prompts when it alone is ablated).
         ``disagreement.json``: the methods' heads side by side with KL-Ships, signed drop, Sahara angle,
         refusal-direction projection and attention on the first token (:mod:`safetyheads.disagreement`).
-        Both on the attribution prompts in the Ships stage's format; each written once."""
+        Both on the attribution prompts in the Ships stage's format; each written once. The signed drop and
+        KL-Ships of every head in either table come from one exact Ships sweep restricted to those heads
+        (KL and refusal read off the same ablated forward passes: one per head per prompt)."""
         if self.model is None:
             return
         from .sahara import PRESETS, SaharaResult
-        from .search import signed_effects
+        from .ships import ships
 
         c = self.cfg
         rt = self._refusal_tokens()
+        spath, dpath = self.out / "signed_effects.json", self.out / "disagreement.json"
+        need_signed, need_table = rt is not None and not spath.exists(), not dpath.exists()
+        if not (need_signed or need_table):
+            return
         conds, _ = self.conditions()
         attr = self.prompt_set("attribution")
         fmt = dict(mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt)
         mean = self._head_means()
-        spath = self.out / "signed_effects.json"
-        if rt is not None and not spath.exists():
-            heads = sorted({tuple(h) for cond in conds for h in cond["heads"]})
-            eff = signed_effects(self.model, self.tokenizer, attr, heads, refusal_tokens=rt, batch_size=c.batch_size,
-                                 mean=mean, **fmt)
-            _json(spath, {"meaning": "mean drop of the refusal log-odds over the attribution prompts when the head "
-                                     "alone is ablated (> 0: the head holds refusal up; < 0: its ablation raises "
-                                     "refusal)", **fmt, "refusal_tokens": rt, "n_prompts": len(attr),
-                          "heads": [[layer, h, eff[(layer, h)]] for layer, h in heads],
-                          "conditions": {cond["name"]: [[layer, h, eff[(layer, h)]] for layer, h in cond["heads"]]
-                                         for cond in conds if cond["heads"]},
-                          "provenance": provenance(self.model, attr, prompt_format=str(fmt["prompt_format"]),
-                                                   mode=c.mode, eps=c.eps, seed=c.seed,
-                                                   system_prompt=c.system_prompt)})
-        dpath = self.out / "disagreement.json"
-        if dpath.exists():
-            return
-        from .disagreement import disagreement
-
+        cond_heads = sorted({tuple(h) for cond in conds for h in cond["heads"]})
         methods = {cond["method"].split(" ")[0]: [tuple(h) for h in cond["heads"]] for cond in conds
                    if cond["k"] == c.steps and cond["method"] not in ("baseline", "random")}
         direction = None
-        if self.prompts.get("harmless") and len(self.prompts["harmless"]) >= 2 and len(attr) >= 2:
+        if need_table and self.prompts.get("harmless") and len(self.prompts["harmless"]) >= 2 and len(attr) >= 2:
             from .refusal_direction import refusal_direction
 
             direction = refusal_direction(self.model, self.tokenizer, attr, self.prompt_set("harmless"),
                                           prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
                                           batch_size=c.batch_size)
             methods["refusal-dir"] = direction.top_heads(c.steps)
-        signed = None
-        if spath.exists():
-            signed = {(layer, h): v for layer, h, v in _read(spath)["heads"]}
+        union = sorted(set(cond_heads) | ({h for hs in methods.values() for h in hs} if need_table else set()))
+        sweep = ships(self.model, self.tokenizer, attr, heads=union, refusal_tokens=rt, batch_size=c.batch_size,
+                      progress=self.progress, mean=mean, **fmt)
+        kl_mean = sweep.mean("kl")
+        drop_mean = sweep.mean("refusal") if rt is not None else None
+        if need_signed:
+            eff = {h: float(drop_mean[h]) for h in cond_heads}
+            _json(spath, {"meaning": "mean drop of the refusal log-odds over the attribution prompts when the head "
+                                     "alone is ablated (> 0: the head holds refusal up; < 0: its ablation raises "
+                                     "refusal)", **fmt, "refusal_tokens": rt, "n_prompts": len(attr),
+                          "heads": [[layer, h, eff[(layer, h)]] for layer, h in cond_heads],
+                          "conditions": {cond["name"]: [[layer, h, eff[(layer, h)]] for layer, h in cond["heads"]]
+                                         for cond in conds if cond["heads"]},
+                          "provenance": provenance(self.model, attr, prompt_format=str(fmt["prompt_format"]),
+                                                   mode=c.mode, eps=c.eps, seed=c.seed,
+                                                   system_prompt=c.system_prompt, computed_by="exact Ships sweep")})
+        if not need_table:
+            return
+        from .disagreement import disagreement
+
         sah = SaharaResult.load(self.out / "sahara.json")
         same = c.stage_format("sahara") == c.stage_format("ships")
         preset = PRESETS[c.sahara_preset]
-        d = disagreement(self.model, self.tokenizer, attr, methods, refusal_tokens=rt, refusal_drop=signed,
+        d = disagreement(self.model, self.tokenizer, attr, methods, refusal_tokens=rt,
+                         kl_ships={h: float(kl_mean[h]) for h in union},
+                         refusal_drop=None if drop_mean is None else {h: float(drop_mean[h]) for h in union},
                          sahara_angle=sah.steps[0].scores if same and sah.steps else None, rank=preset["rank"],
                          center=preset["center"], direction=direction, batch_size=c.batch_size, mean=mean, **fmt)
         d.save(dpath)
@@ -410,7 +424,11 @@ class Run:
         heads = [tuple(h) for h in found[method]["heads"]]
         rt = self._refusal_tokens()
         signed: list[float | None] = [None] * len(heads)
-        if rt is not None:  # the exact sweep restricted to these heads: one forward per head per prompt
+        spath = self.out / "signed_effects.json"
+        known = {(layer, h): v for layer, h, v in _read(spath)["heads"]} if spath.exists() else {}
+        if rt is not None and all(h in known for h in heads):  # the head tables' exact sweep has them
+            signed = [float(known[h]) for h in heads]
+        elif rt is not None:  # the exact sweep restricted to these heads: one forward per head per prompt
             from .ships import ships
 
             res = ships(self.model, self.tokenizer, self.prompts["attribution"], heads=heads, refusal_tokens=rt,
@@ -517,6 +535,7 @@ class Run:
     def execute(self, stages: tuple[str, ...] = STAGES) -> Path:
         """Run the given stages in order, skipping those already done. Returns the run folder."""
         check_writable(self.out)
+        self.stages = tuple(stages)
         fresh = not (self.out / "config.json").exists()
         created = fresh and not self.out.exists()
         try:
