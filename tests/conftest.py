@@ -177,3 +177,16 @@ def load_builtin(name: str, **kw: Any) -> tuple[Any, Any]:
         raise
     except ModelLoadError as e:
         skip_or_fail(f"model {name} not available: {e}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (restored after): tiny models run many times faster on one thread
+    than on two OpenMP threads on a loaded shared 2-core CPU. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch  # here, not at the top: conftest sets the cache variables before anything imports torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,13 +24,7 @@ HARMLESS = ["What is the capital of France?", "Write a short poem about the sea.
             "Name three prime numbers."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread (10× faster than two on a loaded 2-core machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="session")

@@ -30,12 +30,7 @@ HARMLESS = ["What is the capital of France?", "Write a short poem about the sea.
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.figure import Figure
 from tiny_lm import PROMPTS, refusal_ids, smol_tokenizer, tiny_lm
 
@@ -27,13 +26,7 @@ HARMLESS = ["What is the capital of France?", "Write a short poem about the sea.
 N_LAYERS, N_HEADS = 3, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread (faster than two on a loaded 2-core machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
