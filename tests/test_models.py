@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import require_asset
 
 from safetyheads import models
 from safetyheads.models import (
@@ -212,6 +213,44 @@ def test_progress_bars_off_silences_the_gguf_bar_and_restores() -> None:
         assert not hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+@pytest.mark.slow
+def test_gguf_parsed_once_reads_what_gguf_reads() -> None:
+    """gguf_parsed_once: one reader per file inside the block, with every field and tensor byte equal to
+    a plain ``gguf.GGUFReader``'s (SmolLM2's GGUF: 49k-token vocabulary), and gguf restored after it.
+
+    Catches: a plain-array view that drops or shifts bytes, a memo keyed so that two files share a
+    reader, and a patch left in place after the block (or after an error inside it)."""
+    import gguf
+    import numpy as np
+
+    from safetyheads.datasets import asset_path
+    from safetyheads.judges import _SMOLLM2
+
+    require_asset(_SMOLLM2[0])
+    path = asset_path(*_SMOLLM2)
+    plain = gguf.GGUFReader(path)
+    original = gguf.GGUFReader
+    with models.gguf_parsed_once():
+        assert gguf.GGUFReader is not original
+        fast = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is fast  # one parse per file
+        assert type(fast.data) is np.ndarray and fast.data.shape == plain.data.shape
+        assert list(fast.fields) == list(plain.fields)
+        for name, field in plain.fields.items():
+            other = fast.fields[name]
+            assert (other.offset, other.types, other.data) == (field.offset, field.types, field.data), name
+            assert all(np.array_equal(a, b) for a, b in zip(other.parts, field.parts, strict=True)), name
+        assert len(fast.fields["tokenizer.ggml.tokens"].data) > 40_000
+        assert [(t.name, t.tensor_type, t.data_offset) for t in fast.tensors] == [
+            (t.name, t.tensor_type, t.data_offset) for t in plain.tensors]
+        for t_fast, t_plain in zip(fast.tensors, plain.tensors, strict=True):
+            assert np.array_equal(np.asarray(t_fast.data), np.asarray(t_plain.data)), t_plain.name
+    assert gguf.GGUFReader is original
+    with pytest.raises(RuntimeError, match="inside"), models.gguf_parsed_once():
+        raise RuntimeError("inside")
+    assert gguf.GGUFReader is original
 
 
 def test_unknown_builtin() -> None:

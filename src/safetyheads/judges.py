@@ -445,8 +445,11 @@ def _load_judge_model(spec: str) -> tuple[Any, Any]:
         folder, kw = path.parent, {"gguf_file": path.name}
     else:
         folder, kw = spec, {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+    from safetyheads.models import gguf_parsed_once
+
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
     model.eval()
     return model, tokenizer
 
