@@ -12,7 +12,8 @@ composition can flip a near-tie; in float64 they are identical, see tests/test_g
 
 Example::
 
-    nice -n 10 python bench/eval_speed.py --out bench/results/eval_speed_cpu_0.5b.md
+    nice -n 10 python bench/eval_speed.py --after-batch-sizes 16,64 --stop-batch-sizes 64 \
+        --out bench/results/eval_speed_cpu_0.5b.md
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 
 from safetyheads.datasets import holdout_split, load_prompts
-from safetyheads.generation import generate_ids, generate_many
+from safetyheads.generation import StopRule, generate_ids, generate_many
+from safetyheads.judges import get_judge
 from safetyheads.models import load_model
 from safetyheads.provenance import library_versions
 from safetyheads.stats import layer_matched_heads, uniform_random_heads
@@ -44,10 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--after-batch-sizes", default="64", help="comma-separated row batch sizes for generate_many")
     p.add_argument("--heads", default="11.7,10.11,14.11",
                    help="the chosen head set, layer.head (default: Sahara's top-3 of the 0.5B default run)")
+    p.add_argument("--stop-batch-sizes", default="64",
+                   help="comma-separated row batch sizes for generate_many with stop_at_verdict (the judge's "
+                        "StopRule on every row); empty: skip")
+    p.add_argument("--judge", default="keyword:paper", help="the keyword judge of the stop rule and the verdicts")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown report here (and .json beside it)")
     a = p.parse_args(argv)
     a.after_batch_sizes = [int(x) for x in a.after_batch_sizes.split(",") if x.strip()]
+    a.stop_batch_sizes = [int(x) for x in a.stop_batch_sizes.split(",") if x.strip()]
     a.heads = [tuple(int(v) for v in h.split(".")) for h in a.heads.split(",") if h.strip()]
     return a
 
@@ -83,18 +90,30 @@ def main(argv: list[str] | None = None) -> None:
     def before():
         return [generate_ids(model, tok, prompts, heads=h, batch_size=a.before_batch_size, **kw) for _, h in conds]
 
+    judge = get_judge(a.judge)
+
+    def verdicts(ids):
+        return [judge.is_refusal(prompts, [tok.decode(t, skip_special_tokens=True) for t in rows]) for rows in ids]
+
     ref, wall, cpu, l0, l1 = timed(before)
+    want = verdicts(ref)
     n_tok = sum(len(t) for rows in ref for t in rows)
     runs.append({"path": f"before: one condition at a time, batch {a.before_batch_size}", "tokens": n_tok,
-                 "wall_s": wall, "cpu_s": cpu, "load_before": l0, "load_after": l1, "identical": None})
+                 "wall_s": wall, "cpu_s": cpu, "load_before": l0, "load_after": l1, "identical": None,
+                 "same_verdicts": None})
     print(json.dumps(runs[-1]), flush=True)  # each pass as soon as it is done (a long run may be cut)
-    for bs in a.after_batch_sizes:
-        jobs = [{"prompts": prompts, "heads": h} for _, h in conds]
+    stop = StopRule(f"{judge.name}: refusal phrase", judge.refusal_settled)
+    passes = [(bs, False) for bs in a.after_batch_sizes] + [(bs, True) for bs in a.stop_batch_sizes]
+    for bs, stopping in passes:
+        jobs = [{"prompts": prompts, "heads": h, "stop": stop if stopping else None} for _, h in conds]
         got, wall, cpu, l0, l1 = timed(lambda bs=bs, jobs=jobs: generate_many(model, tok, jobs, batch_size=bs, **kw))
         same = sum(x == y for rows_a, rows_b in zip(got, ref) for x, y in zip(rows_a, rows_b))
-        runs.append({"path": f"after: all conditions in shared batches, batch {bs} rows",
+        agree = sum(x == y for va, vb in zip(verdicts(got), want) for x, y in zip(va, vb))
+        runs.append({"path": f"after: all conditions in shared batches, batch {bs} rows"
+                             + (f", stop at verdict ({judge.name})" if stopping else ""),
                      "tokens": sum(len(t) for rows in got for t in rows), "wall_s": wall, "cpu_s": cpu,
-                     "load_before": l0, "load_after": l1, "identical": same})
+                     "load_before": l0, "load_after": l1, "identical": None if stopping else same,
+                     "same_verdicts": agree})
         print(json.dumps(runs[-1]), flush=True)
     total = len(conds) * len(prompts)
     base = runs[0]
@@ -102,22 +121,25 @@ def main(argv: list[str] | None = None) -> None:
              f"{len(conds)} conditions ({', '.join(n for n, _ in conds)}) × {len(prompts)} held-out AdvBench prompts "
              f"× ≤ {a.max_new_tokens} new tokens, greedy, float32, torch threads {torch.get_num_threads()}, "
              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}).", "",
-             "| path | tokens | wall s | tokens/s (wall) | CPU s | tokens/CPU-s | × wall | × CPU | load avg (1 min) "
-             "before → after | responses identical to before |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Rows/s is the measure that counts for an evaluation (a stopped row generates fewer tokens for the "
+             "same verdict); tokens/s is the decoder's throughput.", "",
+             "| path | tokens | wall s | rows/s (wall) | tokens/s (wall) | CPU s | tokens/CPU-s | × rows/s wall | "
+             "× tokens/s CPU | load avg (1 min) before → after | responses identical to before | verdicts equal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ident = "—" if r["identical"] is None else f"{r['identical']}/{total}"
-        lines.append(f"| {r['path']} | {r['tokens']} | {r['wall_s']:.0f} | {r['tokens'] / r['wall_s']:.1f} | "
-                     f"{r['cpu_s']:.0f} | {r['tokens'] / r['cpu_s']:.1f} | "
-                     f"{(r['tokens'] / r['wall_s']) / (base['tokens'] / base['wall_s']):.2f} | "
+        agree = "—" if r["same_verdicts"] is None else f"{r['same_verdicts']}/{total}"
+        lines.append(f"| {r['path']} | {r['tokens']} | {r['wall_s']:.0f} | {total / r['wall_s']:.2f} | "
+                     f"{r['tokens'] / r['wall_s']:.1f} | {r['cpu_s']:.0f} | {r['tokens'] / r['cpu_s']:.1f} | "
+                     f"{base['wall_s'] / r['wall_s']:.2f} | "
                      f"{(r['tokens'] / r['cpu_s']) / (base['tokens'] / base['cpu_s']):.2f} | "
-                     f"{r['load_before']:.1f} → {r['load_after']:.1f} | "
-                     f"{ident} |")
+                     f"{r['load_before']:.1f} → {r['load_after']:.1f} | {ident} | {agree} |")
     lines += ["", "Command: `" + " ".join([Path(sys.executable).name] + sys.argv) + "`"]
     text = "\n".join(lines) + "\n"
     print(text)
     for r in runs[1:]:
-        print(f"ratio after/before ({r['path']}): wall {(r['tokens'] / r['wall_s']) / (base['tokens'] / base['wall_s']):.2f}×, "
-              f"CPU {(r['tokens'] / r['cpu_s']) / (base['tokens'] / base['cpu_s']):.2f}×")
+        print(f"ratio after/before ({r['path']}): rows/s wall {base['wall_s'] / r['wall_s']:.2f}×, "
+              f"tokens/s CPU {(r['tokens'] / r['cpu_s']) / (base['tokens'] / base['cpu_s']):.2f}×")
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text)

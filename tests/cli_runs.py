@@ -26,15 +26,24 @@ MODEL = "builtin:smollm2-135m-instruct"
 #: the smallest run that still reaches every checkpoint: 2 attribution prompts both scored exactly (a
 #: per-prompt checkpoint with one still to do), 2 Sahara steps, 2 held-out + 1 harmless prompt, 3 new
 #: tokens; 7 conditions × their prompts = 14 generated rows = 2 generation batches of 8
-SMALL = ["--model", MODEL, "--n-attribution", "2", "--n-ships-exact", "2", "--n-eval", "2", "--n-harmless", "1",
-         "--max-new-tokens", "3", "--steps", "2", "--prefilter-k", "3", "--random-controls", "1", "--batch-size", "8",
-         "--quiet"]
+BASE = ["--model", MODEL, "--n-attribution", "2", "--n-ships-exact", "2", "--n-eval", "2", "--n-harmless", "1",
+        "--max-new-tokens", "3", "--steps", "2", "--prefilter-k", "3", "--random-controls", "1", "--batch-size", "8",
+        "--quiet"]
 
-#: the ``--mode sc`` run: another seed too (so another split and random control), one prompt scored exactly
+#: the reference run (made by the subcommands) and the run test_resume interrupts: BASE under the paper's
+#: preset, so the preset goes end to end through every subcommand — and its exact Ships sweep reads the
+#: raw query (9 tokens, not the chat template's 39: the sweep, a forward pass per head, is most of a run)
+SMALL = [*BASE, "--preset", "paper"]
+
+#: the ``--mode sc`` run: the package defaults (chat template, default system prompt: what a new user's
+#: first run does, on a cold cache), another seed (so another split and random control), one prompt
+#: scored exactly
 SC_RUN = ["--mode", "sc", "--seed", "1", "--n-ships-exact", "1"]
 
-#: the ``--mode mean`` run (every stage gets the run's saved head means; no exact sweep, to stay cheap)
-MEAN_RUN = ["--mode", "mean", "--n-ships-exact", "0"]
+#: the ``--mode mean`` run: the reference's preset and seed (the same prompts in the same formats, so its
+#: Ships scores differ from the reference's only by the mode); every stage gets the run's saved head
+#: means; no exact sweep, to stay cheap
+MEAN_RUN = ["--mode", "mean", "--n-ships-exact", "0", "--preset", "paper"]
 
 #: keys whose values are wall-clock facts, not results
 TIMING_KEYS = frozenset({"created", "seconds"})
@@ -93,7 +102,7 @@ def build_with_subcommands(out: Path) -> dict[str, Any]:
 
 
 def build_run(extra: list[str], *, cold_cache: bool = False) -> Callable[[Path], dict[str, Any]]:
-    """A builder for ``safetyheads run SMALL + extra`` in one process. ``cold_cache``: the run gets its own
+    """A builder for ``safetyheads run BASE + extra`` in one process. ``cold_cache``: the run gets its own
     empty model cache (``<out>-cold-cache``, returned as ``"cache"``), so it takes the cold path (assemble,
     verify, dequantize, cache) whatever ran before it, a developer's warm SAFETYHEADS_TEST_CACHE included."""
     def build(out: Path) -> dict[str, Any]:
@@ -101,19 +110,19 @@ def build_run(extra: list[str], *, cold_cache: bool = False) -> Callable[[Path],
         if cache is not None:
             assert not cache.exists(), cache
         env = {"SAFETYHEADS_CACHE": str(cache)} if cache is not None else None
-        r, s = timed_cli("run", *SMALL, *extra, "--out", str(out), env=env)
+        r, s = timed_cli("run", *BASE, *extra, "--out", str(out), env=env)
         return {"out": out, "result": check(r, f"safetyheads run {' '.join(extra)}"), "seconds": s, "cache": cache,
-                "args": ["run", *SMALL, *extra, "--out", str(out)]}
+                "args": ["run", *BASE, *extra, "--out", str(out)]}
     return build
 
 
 def mean_run(tmp_path_factory) -> dict[str, Any]:
-    """The shared ``run SMALL --mode mean`` (test_cli and test_provenance)."""
+    """The shared ``run BASE + MEAN_RUN`` (test_cli and test_provenance)."""
     return shared(tmp_path_factory, "mode-mean", build_run(MEAN_RUN))
 
 
 def sc_run(tmp_path_factory) -> dict[str, Any]:
-    """The shared ``run SMALL + SC_RUN`` (UA's sibling: SC mode, seed 1), made on a cold model cache of its
+    """The shared ``run BASE + SC_RUN`` (UA's sibling: SC mode, seed 1, chat defaults), made on a cold model cache of its
     own: tests/test_pipeline.py checks the cold path on it, test_cli and test_provenance its results."""
     return shared(tmp_path_factory, "mode-sc-seed1", build_run(SC_RUN, cold_cache=True))
 

@@ -112,12 +112,14 @@ def test_evaluate_subcommand(ref):
     assert names["baseline"]["heads"] == [] and names["sahara-top2"]["heads"] == sahara
     assert names["sahara-top1"]["heads"] == sahara[:1]
     assert not set(map(tuple, names["random0-top2"]["heads"])) & set(map(tuple, sahara))
+    answered = 0
     for c in ev["conditions"] + ev["over_refusal"]:
         assert in_range(c.get("heads", [])), c
         rows = [json.loads(x) for x in (out / c["responses_file"]).read_text().splitlines() if x]
         n = 1 if c["name"].startswith("harmless") else 2
         assert [x["prompt"] for x in rows] == prompts["harmless" if n == 1 else "eval"], c["name"]
-        assert all(isinstance(x["response"], str) and x["response"] for x in rows)
+        assert all(isinstance(x["response"], str) for x in rows)  # may be "": an EOS first, under the
+        answered += sum(bool(x["response"]) for x in rows)         # paper's template that happens
         refused = sum(bool(x["refusal"]) for x in rows)
         rate = c["asr"] if "asr" in c else c["rate"]
         expected = (n - refused) / n if "asr" in c else refused / n
@@ -126,8 +128,14 @@ def test_evaluate_subcommand(ref):
         assert math.isclose(c["ci_low"], low, abs_tol=1e-9) and math.isclose(c["ci_high"], high, abs_tol=1e-9)
         if "asr" in c:
             assert re.search(rf"{re.escape(c['name'])}\s+ASR {c['asr']:.2f}", r.stdout), (c["name"], r.stdout)
+    assert answered >= 7  # … but most rows answer something
     assert {c["name"] for c in ev["over_refusal"]} == {"harmless-baseline", "harmless-sahara-top2"}
-    assert ev["n_prompts"] == 2 and ev["mode"] == "ua" and ev["judge"] == "keyword:paper"
+    # SMALL runs under --preset paper: its judge (the prototype's keyword list) unless a flag overrides it
+    assert ev["n_prompts"] == 2 and ev["mode"] == "ua" and ev["judge"] == "keyword:paper-prototype"
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert (cfg["preset"], cfg["ships_format"], cfg["sahara_format"], cfg["eval_format"]) == (
+        "paper", "raw", "template-sahara", "template")
+    assert cfg["max_new_tokens"] == 3  # the flag over the preset's 128
 
 
 @pytest.mark.slow

@@ -373,3 +373,19 @@ def test_real_model_refuses_some_advbench():
     refusals = get_judge("keyword:paper").is_refusal(prompts, responses)
     assert any(refusals), responses
     assert all(r.strip() for r in responses)
+    # stop_at_verdict: the same verdicts, each refusal cut right after its phrase, compliance in full —
+    # unablated and with two heads ablated (the refusal search's top 2 on this model), in shared batches
+    heads = [(10, 7), (14, 10)]
+    ablated = generate(model, tok, prompts, heads=heads, max_new_tokens=32, progress=False)
+    conds = [{"name": "baseline", "method": "baseline", "heads": []}, {"name": "two", "method": "x", "heads": heads}]
+    ev = evaluate_conditions(model, tok, prompts, conds, max_new_tokens=32, refusal_metric=False, utility=False,
+                             progress=False, stop_at_verdict=True)
+    judge = get_judge("keyword:paper")
+    assert ev.provenance["generation"]["stop_at_verdict"] == "keyword:paper: refusal phrase"
+    cut = 0
+    for cond, full in zip(ev.conditions, (responses, ablated)):
+        assert cond.refusals == judge.is_refusal(prompts, full), cond.name
+        for short, whole, refused in zip(cond.responses, full, cond.refusals):
+            assert whole.startswith(short) and (short == whole or refused), (short, whole)
+            cut += len(short) < len(whole)
+    assert cut >= 1

@@ -14,7 +14,7 @@ from conftest import load_builtin
 from tiny_lm import PROMPTS, smol_tokenizer, tiny_lm
 
 import safetyheads.generation as gen
-from safetyheads.generation import EvaluationError, generate_and_score, generate_ids, generate_many
+from safetyheads.generation import EvaluationError, StopRule, generate_and_score, generate_ids, generate_many
 from safetyheads.refusal_metric import refusal_metric_many
 
 
@@ -132,6 +132,42 @@ def test_checkpoint_resumes_after_an_interruption(tok, model64, tmp_path, monkey
     assert len(calls) == -(-n_rows // 4)
 
 
+def _first_settled(tok, ids, settled):
+    """The shortest prefix of ``ids`` whose decoded text settles, or all of ``ids``."""
+    for n in range(1, len(ids) + 1):
+        if settled(tok.decode(ids[:n], skip_special_tokens=True)):
+            return ids[:n]
+    return ids
+
+
+def test_stop_rule_cuts_each_row_at_its_first_settled_prefix(tok, model64, alone, tmp_path):
+    """A job with a StopRule: each row is the unstopped row cut at its first prefix whose text settles;
+    jobs without one, in the same batches, are untouched; rows cut by a rule are checkpointed under it.
+
+    Catches: a stopped row that is not a prefix of the full answer (a cache or strength row dropped for
+    the wrong row), a rule applied to the wrong rows or one step late, and a checkpoint reusing rows cut
+    by another rule (or none)."""
+    texts = [tok.decode(r, skip_special_tokens=True) for job in alone for r in job]
+    # a rule that settles mid-way on most rows: the text has reached the median length of the full answers
+    cut = sorted(len(t) for t in texts)[len(texts) // 2] // 2
+    rule = StopRule("len", lambda text: len(text) >= cut)
+    jobs = [dict(j, stop=rule if i % 2 else None) for i, j in enumerate(_jobs(PROMPTS))]
+    ckpt = tmp_path / "gen.ckpt.jsonl"
+    got = generate_many(model64, tok, jobs, max_new_tokens=8, batch_size=7, progress=False, checkpoint=ckpt)
+    want = [[_first_settled(tok, r, rule.settled) if job.get("stop") else r for r in rows]
+            for job, rows in zip(jobs, alone)]
+    assert got == want
+    n_cut = sum(len(a) < len(b) for g, w in zip(got, alone) for a, b in zip(g, w))
+    assert n_cut >= 3, n_cut  # the rule did cut rows short
+    # the checkpoint knows which rows a rule cut: another rule's run regenerates exactly those jobs' rows
+    other = StopRule("never", lambda text: False)
+    again = generate_many(model64, tok, [dict(j, stop=other if j.get("stop") else None) for j in jobs],
+                          max_new_tokens=8, batch_size=7, progress=False, checkpoint=ckpt)
+    assert again == alone
+    with pytest.raises(EvaluationError, match="StopRule"):
+        generate_many(model64, tok, [{"prompts": ["a"], "heads": [], "stop": lambda t: True}])
+
+
 def test_generate_many_errors(tok, model64):
     with pytest.raises(EvaluationError, match="no generation jobs"):
         generate_many(model64, tok, [])
@@ -152,12 +188,12 @@ def test_generate_many_errors(tok, model64):
 @pytest.mark.slow
 def test_smollm2_float64_shared_batches_equal_one_condition_at_a_time():
     model, tok = load_builtin("builtin:smollm2-135m-instruct", dtype=torch.float64)
-    prompts = PROMPTS[:4]
+    prompts = PROMPTS[:3]  # 12 rows × 8 tokens, each alone at batch 1 in float64: most of this test's time
     jobs = [{"prompts": prompts, "heads": []},
             {"prompts": prompts, "heads": [(3, 2), (10, 5)]},
             {"prompts": prompts, "heads": [(0, 0), (20, 8), (29, 1)]},
-            {"prompts": prompts, "rows": [[(5, 5)], [], [(12, 1), (13, 2)], [(29, 8)]]}]
-    want = _one_at_a_time(model, tok, jobs, max_new_tokens=12, batch_size=1)
-    got = generate_many(model, tok, jobs, max_new_tokens=12, batch_size=16, progress=False)
+            {"prompts": prompts, "rows": [[(5, 5)], [(12, 1), (13, 2)], [(29, 8)]]}]
+    want = _one_at_a_time(model, tok, jobs, max_new_tokens=8, batch_size=1)
+    got = generate_many(model, tok, jobs, max_new_tokens=8, batch_size=16, progress=False)
     assert got == want
     assert len({tuple(map(tuple, rows)) for rows in want}) > 1  # the head sets change some answers

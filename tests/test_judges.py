@@ -145,6 +145,32 @@ def test_known_false_positive_of_keyword_judges() -> None:
     ) == [True]
 
 
+@pytest.mark.parametrize("name", ["keyword:paper", "keyword:paper-prototype", "keyword:gcg", "keyword:harmbench"])
+def test_a_settled_refusal_stays_one_whatever_follows(name: str) -> None:
+    """refusal_settled (what stop_at_verdict ends generation on) is monotone: on every prefix of the 240
+    hand-labelled answers of our models (cut at every character), a settled prefix means the full answer
+    is a refusal by a phrase; the full answer is settled exactly when a phrase (not the short rule) matches.
+
+    Catches: settling on the short rule (more text lifts it), on a phrase the full answer's normalisation
+    no longer contains, and a prefix-mode judge settling on text that is not the start."""
+    from safetyheads.judges import load_labelled_responses
+
+    judge = get_judge(name)
+    responses = [r["response"] for r in load_labelled_responses()]
+    assert len(responses) >= 200
+    early = 0
+    for full in responses:
+        why = judge.match(full)
+        assert judge.refusal_settled(full) == (why is not None and why != "<short>"), (name, full)
+        first = next((n for n in range(len(full) + 1) if judge.refusal_settled(full[:n])), None)
+        if first is None:
+            continue
+        assert judge.is_refusal(None, [full]) == [True]
+        assert all(judge.refusal_settled(full[:n]) for n in range(first, len(full) + 1)), (name, full)
+        early += len(full) - first > 40
+    assert early >= 10, early  # many refusals settle well before they end (measured: 19-26 of 240)
+
+
 def test_keyword_judge_validation() -> None:
     with pytest.raises(JudgeError, match="x: phrases must be a non-empty list of non-empty strings"):
         KeywordJudge("x", ())

@@ -154,7 +154,7 @@ def _results(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The shared tiny run (tests/cli_runs.py: ``run SMALL --mode sc --seed 1``, also checked by test_cli and
+    """The shared tiny run (tests/cli_runs.py: ``run BASE --mode sc --seed 1``, also checked by test_cli and
     test_provenance), made on an empty model cache of its own, so it took the cold path (assemble,
     verify, dequantize, cache) whatever ran before it, a developer's warm SAFETYHEADS_TEST_CACHE included.
 

@@ -78,12 +78,16 @@ def test_every_json_artifact_has_provenance(run):
     sets = prompts["provenance"]
     seen = {"config.json", "prompts.json"}
 
-    def result(name: str, texts: list[str], which: str, *, mode=cfg["mode"], eps=cfg["eps"], seed=(None,)) -> dict:
+    def stage_format(stage: str) -> str:  # RunConfig.stage_format: a preset may give each stage its own
+        return cfg.get(f"{stage}_format") or cfg["prompt_format"]
+
+    def result(name: str, texts: list[str], which: str, *, mode=cfg["mode"], eps=cfg["eps"], seed=(None,),
+               stage: str = "ships") -> dict:
         prov = _json(run / name)["provenance"]
         _check_model(prov["model"], name)
         _check_data(prov["data"], texts, sets[which], name)
         fmt = prov["prompt_format"]
-        assert (fmt["format"] if isinstance(fmt, dict) else fmt) == cfg["prompt_format"], name
+        assert (fmt["format"] if isinstance(fmt, dict) else fmt) == stage_format(stage), name
         assert prov["mode"] == mode and prov["eps"] == eps, (name, prov["mode"], prov["eps"])
         assert "seed" in prov and prov["seed"] in (*seed, cfg["seed"]), (name, prov["seed"])
         _check_versions(prov["versions"], name)
@@ -104,12 +108,12 @@ def test_every_json_artifact_has_provenance(run):
         assert hm["sha256"] == hashlib.sha256(mean.double().numpy().tobytes()).hexdigest()
         assert tuple(mean.shape) == (30, 9, 64) == tuple(hm["shape"]) and mean.dtype == torch.float64
         assert hm["over"].startswith(f"the {len(attr)} attribution prompts") and mean.abs().sum() > 0
-    result("sahara.json", attr, "attribution")
-    ev = result("evaluation.json", held_out, "eval", seed=())  # the evaluation's seed is the run's
+    result("sahara.json", attr, "attribution", stage="sahara")
+    ev = result("evaluation.json", held_out, "eval", seed=(), stage="eval")  # the evaluation's seed is the run's
     rt = result("refusal_tokens.json", attr, "attribution", mode=None, eps=None, seed=())  # unablated
     assert rt["judge"] == cfg["judge"] == ev["judge"]
     if (run / "refusal_metric.json").exists():  # per-prompt refusal metric of the same held-out prompts
-        assert result("refusal_metric.json", held_out, "eval", seed=())["data"] == ev["data"]
+        assert result("refusal_metric.json", held_out, "eval", seed=(), stage="eval")["data"] == ev["data"]
     for name in ("search.json", "signed_effects.json", "disagreement.json"):  # only where the model refuses
         if (run / name).exists():
             result(name, attr, "attribution")
@@ -122,7 +126,7 @@ def test_every_json_artifact_has_provenance(run):
         _check_model(c["model"], f.name)
         texts = harmless if f.name.startswith("harmless") else held_out
         assert c["prompts_sha256"] == prompts_digest(texts), f.name
-        assert (c["mode"], c["eps"], c["prompt_format"]["format"]) == (cfg["mode"], cfg["eps"], cfg["prompt_format"])
+        assert (c["mode"], c["eps"], c["prompt_format"]["format"]) == (cfg["mode"], cfg["eps"], stage_format("eval"))
         seen.add(str(f.relative_to(run)))
     for name, inputs in DERIVED.items():
         if (run / name).exists():

@@ -31,7 +31,8 @@ PromptFormatName = Literal["chat", "template", "template-sahara", "template-ship
 """The names of :class:`safetyheads.prompts.PromptFormat`."""
 
 
-_UNSET_ABSENT = ("preset", "ships_format", "sahara_format", "eval_format", "search", "eval_dataset")
+_UNSET_ABSENT = ("preset", "ships_format", "sahara_format", "eval_format", "search", "eval_dataset",
+                 "stop_at_verdict")
 
 
 class RunConfig(BaseModel):
@@ -76,6 +77,10 @@ class RunConfig(BaseModel):
     # evaluation
     judge: str = Field("keyword:paper", description="keyword:paper|gcg|jailbreakbench|harmbench, or llm:MODEL")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated per response (paper: 128)")
+    stop_at_verdict: bool | None = Field(
+        None, description="end a harmful prompt's response once a keyword judge's refusal phrase appears (same "
+                          "verdicts, less decoding; stored refusals are cut after the phrase); None = true; "
+                          "false = full responses (to re-judge them with another judge)")
     random_controls: int = Field(2, ge=0, description="random head sets of the same size, as a control")
     random_kind: Literal["layer-matched", "uniform"] = Field(
         "layer-matched", description="random controls: as many heads per layer as the Sahara heads (never those), "

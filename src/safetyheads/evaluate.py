@@ -66,6 +66,7 @@ from .forward import position_ids_from_mask
 from .generation import (
     GENERATION_VERSION,
     EvaluationError,
+    StopRule,
     _check_generation,
     _check_prompts,
     _device,
@@ -297,13 +298,23 @@ GENERATION_CHECKPOINT = "responses/.generation.ckpt.jsonl"
 
 def _run_conditions(model, tokenizer, groups: list[tuple[list[str], list[dict]]], settings: dict, judge: Any,
                     out_dir: Path | None, gen_kw: dict[str, Any], score_tokens: list[int] | None = None,
+                    stop: StopRule | None = None,
                     ) -> tuple[list[list[Condition]], dict[str, tuple[list[float], list[float]]]]:
     """Every condition of every ``(prompts, specs)`` group: loaded from ``out_dir`` when stored with the
     same settings, else generated — all missing conditions of all groups together, in shared batches
     (:func:`generate_many`, checkpointed per batch in ``out_dir``) — then judged and written.
 
     With ``score_tokens``, the refusal metric of the first group's generated conditions is read off
-    the generation's prefill (:func:`generate_and_score`) and returned as ``{name: (prob, log_odds)}``."""
+    the generation's prefill (:func:`generate_and_score`) and returned as ``{name: (prob, log_odds)}``.
+    With ``stop``, the first group's rows end once their verdict is settled (:class:`StopRule`; the
+    rule's name is part of those conditions' stored settings)."""
+
+    def config_of(g: int, spec: dict, prompts: list[str]) -> dict[str, Any]:
+        config = _condition_config(settings, spec, prompts)
+        if stop is not None and g == 0:  # absent otherwise: digests of full-response conditions unchanged
+            config["stop_at_verdict"] = stop.name
+        return config
+
     loaded: dict[tuple[int, int], tuple[list[str], list[bool] | None]] = {}
     fresh_scores: dict[str, tuple[list[float], list[float]]] = {}
     todo: list[tuple[int, int]] = []
@@ -311,7 +322,7 @@ def _run_conditions(model, tokenizer, groups: list[tuple[list[str], list[dict]]]
         for s, spec in enumerate(specs):
             got = None
             if out_dir is not None:
-                got = _load_responses(out_dir, spec, _condition_config(settings, spec, prompts), prompts)
+                got = _load_responses(out_dir, spec, config_of(g, spec, prompts), prompts)
             if got is None:
                 todo.append((g, s))
                 continue
@@ -323,8 +334,8 @@ def _run_conditions(model, tokenizer, groups: list[tuple[list[str], list[dict]]]
                 log.info("condition %s: loaded responses, re-judging with %s", spec["name"], _judge_name(judge))
                 loaded[g, s] = (responses, None)
     if todo:
-        jobs = [{"prompts": groups[g][0], ("rows" if groups[g][1][s]["per_query"] else "heads"): groups[g][1][s]["heads"]}
-                for g, s in todo]
+        jobs = [{"prompts": groups[g][0], ("rows" if groups[g][1][s]["per_query"] else "heads"): groups[g][1][s]["heads"],
+                 "stop": stop if g == 0 else None} for g, s in todo]
         log.info("generating %d conditions (%d rows) in shared batches", len(todo), sum(len(j["prompts"]) for j in jobs))
         ckpt = None if out_dir is None else out_dir / GENERATION_CHECKPOINT
         if score_tokens is not None:
@@ -347,7 +358,7 @@ def _run_conditions(model, tokenizer, groups: list[tuple[list[str], list[dict]]]
                 refusals = _run_judge(judge, prompts, responses)
             cond = _make_condition(spec, prompts, responses, refusals)
             if out_dir is not None and fresh:
-                config = _condition_config(settings, spec, prompts)
+                config = config_of(g, spec, prompts)
                 atomic_write_text(out_dir / cond.responses_file, cond.responses_jsonl())  # the jsonl first:
                 atomic_write_text(out_dir / "responses" / f"{spec['name']}.config.json",  # it counts only with this
                                   json.dumps({"digest": _digest(config), "judge": _judge_name(judge), "config": config},
@@ -580,6 +591,7 @@ def evaluate_conditions(
     alpha: float = 0.05,
     random_kind: str | None = None,
     mean: torch.Tensor | None = None,
+    stop_at_verdict: bool = False,
 ) -> Evaluation:
     """Generate, judge and score every condition; paired statistics vs the baseline; resumable through ``out_dir``.
 
@@ -611,6 +623,12 @@ def evaluate_conditions(
             (:func:`~safetyheads.ablation.head_means`); their sha256 is part of each condition's settings.
         batch_size: rows (prompt × condition pairs) per generation batch: all conditions that are
             not loaded from ``out_dir`` are generated together (:func:`generate_many`).
+        stop_at_verdict: end each harmful prompt's response as soon as the judge's verdict is settled
+            (a keyword judge's refusal phrase has appeared, :meth:`KeywordJudge.refusal_settled`):
+            the same verdicts, ASR and statistics, at a fraction of the decoding (a refusal stops
+            after its phrase), but the stored refusals are cut there — re-judging them with another
+            judge needs full responses. Harmless prompts (over-refusal, utility KL) are always
+            generated in full. Ignored (logged) for judges that cannot settle early (LLM judges).
         Others: as in :func:`generate`.
     """
     prompt_set, prompts = prompts, _check_prompts(prompts)
@@ -651,7 +669,14 @@ def evaluate_conditions(
                   progress=progress, mean=mean)
     groups = [(prompts, specs)] + ([(harmless_list, h_specs)] if harmless_list is not None else [])
     score_tokens = sorted({int(t) for t in refusal_tokens}) if refusal_metric and refusal_tokens else None
-    done, fresh = _run_conditions(model, tokenizer, groups, settings, judge_, out, gen_kw, score_tokens)
+    stop = None
+    if stop_at_verdict:
+        settled = getattr(judge_, "refusal_settled", None)
+        if callable(settled):
+            stop = StopRule(f"{_judge_name(judge_)}: refusal phrase", settled)
+        else:
+            log.info("judge %s cannot settle a verdict early: generating full responses", _judge_name(judge_))
+    done, fresh = _run_conditions(model, tokenizer, groups, settings, judge_, out, gen_kw, score_tokens, stop)
     results, over = done[0], (done[1] if harmless_list is not None else [])
     for c in results:
         log.info("condition %s: ASR %.3f [%.3f, %.3f] (n=%d)", c.name, c.asr, c.ci_low, c.ci_high, c.n)
@@ -678,7 +703,8 @@ def evaluate_conditions(
                       generation={"max_new_tokens": max_new_tokens, "decoding": "top-k sampling" if sampling else "greedy",
                                   "top_k": top_k if sampling else None, "temperature": temperature if sampling else None,
                                   "seed": seed if sampling else None, "batch_size": batch_size,
-                                  "generation_version": GENERATION_VERSION},
+                                  "generation_version": GENERATION_VERSION,
+                                  "stop_at_verdict": None if stop is None else stop.name},
                       utility_metric={"name": UTILITY_METRIC,
                                       "definition": "mean per-token KL(unablated || ablated) of the next-token "
                                                     "distributions, teacher-forced along the unablated response to "

@@ -21,6 +21,10 @@ batches), and the global torch RNG is not touched. Responses are decoded from th
 cut at the first end-of-sequence token (the tokenizer's and the model's EOS ids, plus the chat
 template's end-of-turn token when the prompt format is ``chat``), with special tokens skipped.
 
+A job may carry a :class:`StopRule` (``"stop"``): its rows end as soon as their decoded text settles
+the judge's verdict (a keyword judge's refusal phrase has appeared: more text cannot undo it), so a
+refusal costs the few tokens up to its phrase instead of ``max_new_tokens``.
+
 ``generate_many(..., checkpoint=path)`` appends each finished batch's rows to a JSON-lines file
 (first line: a digest of the model and settings) and, when started again with the same settings,
 reuses every row found there, so a long evaluation interrupted mid-way loses at most one batch.
@@ -33,6 +37,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,8 @@ from .adapters import get_adapter, validate_heads
 from .forward import position_ids_from_mask
 from .prompts import encode_prompts, format_prompts
 
-__all__ = ["EvaluationError", "GENERATION_VERSION", "generate", "generate_and_score", "generate_ids", "generate_many"]
+__all__ = ["EvaluationError", "GENERATION_VERSION", "StopRule", "generate", "generate_and_score", "generate_ids",
+           "generate_many"]
 
 log = logging.getLogger("safetyheads")
 
@@ -56,6 +62,16 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endof
 
 class EvaluationError(ValueError):
     """Bad evaluation input (no prompts, unknown judge, bad condition, a model that never refuses, …)."""
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Ends a generated row as soon as ``settled(text so far)`` is True (e.g. a keyword judge's
+    :meth:`~safetyheads.judges.KeywordJudge.refusal_settled`). ``name`` identifies the rule in
+    checkpoints and stored settings: rows cut by one rule are never reused under another."""
+
+    name: str
+    settled: Callable[[str], bool]
 
 
 def _check_prompts(prompts: Sequence[str], what: str = "prompts") -> list[str]:
@@ -156,11 +172,12 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k:
 def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]] | None, heads: list[Head], mode: Mode,
                   eps: float, max_new_tokens: int, eos: set[int], generators: list[torch.Generator] | None,
                   top_k: int, temperature: float, on_first: Callable[[torch.Tensor], None] | None = None,
-                  mean: torch.Tensor | None = None) -> list[list[int]]:
+                  mean: torch.Tensor | None = None,
+                  stops: Sequence[Callable[[list[int]], bool] | None] | None = None) -> list[list[int]]:
     """Greedy / sampled decoding of one left-padded batch with a KV cache.
 
-    Rows that reach EOS or ``max_new_tokens`` leave the batch (their cache rows are dropped), so
-    the cost follows the tokens actually generated. ``on_first`` receives the prefill's last-position
+    Rows that reach EOS or ``max_new_tokens``, or whose ``stops[row](ids so far)`` is True, leave the
+    batch (their cache rows are dropped), so the cost follows the tokens actually generated. ``on_first`` receives the prefill's last-position
     logits ``[rows, vocab]`` (the first answer position of every row, under its ablation).
     """
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -185,7 +202,7 @@ def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]
                 if t in eos:
                     continue
                 out[j].append(t)
-                if len(out[j]) < max_new_tokens:
+                if len(out[j]) < max_new_tokens and not (stops is not None and stops[j] is not None and stops[j](out[j])):
                     keep.append(b)
             if not keep:
                 break
@@ -207,7 +224,7 @@ def _job_rows(model, job: Mapping[str, Any], index: int) -> tuple[list[str], lis
     """A job's prompts and one head list per prompt (a fixed head list repeated)."""
     if not isinstance(job, Mapping) or "prompts" not in job:
         raise EvaluationError(f"job {index}: a job is a dict with 'prompts' and 'heads' or 'rows', got {job!r}")
-    unknown = set(job) - {"prompts", "heads", "rows"}
+    unknown = set(job) - {"prompts", "heads", "rows", "stop"}
     if unknown:
         raise EvaluationError(f"job {index}: unknown keys {sorted(unknown)}")
     prompts = _check_prompts(job["prompts"])
@@ -222,10 +239,19 @@ def _job_rows(model, job: Mapping[str, Any], index: int) -> tuple[list[str], lis
     return prompts, [heads] * len(prompts)
 
 
-def _row_key(text: str, heads: list[Head], index: int, sampling: bool) -> str:
-    """What a checkpointed row is identified by: the formatted prompt, its heads and (when
-    sampling, where the seed depends on it) its position in the job."""
+def _job_stop(job: Mapping[str, Any], index: int) -> StopRule | None:
+    stop = job.get("stop")
+    if stop is not None and not isinstance(stop, StopRule):
+        raise EvaluationError(f"job {index}: 'stop' must be a StopRule, got {type(stop).__name__}")
+    return stop
+
+
+def _row_key(text: str, heads: list[Head], index: int, sampling: bool, stop: StopRule | None = None) -> str:
+    """What a checkpointed row is identified by: the formatted prompt, its heads, (when sampling,
+    where the seed depends on it) its position in the job, and its stop rule's name if any."""
     rec = [text, [list(h) for h in sorted(heads)], index if sampling else None]
+    if stop is not None:  # absent without a rule: keys of earlier checkpoints unchanged
+        rec.append(stop.name)
     return hashlib.sha256(json.dumps(rec).encode()).hexdigest()[:32]
 
 
@@ -287,8 +313,9 @@ def generate_many(
 
     Args:
         jobs: dicts with ``prompts`` and either ``heads`` (ablated for every prompt; empty: the
-            unablated model) or ``rows`` (one head list per prompt). Typically one job per
-            evaluation condition.
+            unablated model) or ``rows`` (one head list per prompt), and optionally ``stop`` (a
+            :class:`StopRule`: each row ends once its text settles the verdict). Typically one job
+            per evaluation condition.
         batch_size: rows (prompt × job pairs) per batch. All jobs' rows are sorted by prompt token
             length (then prompt, then job), so similar lengths — and the same prompt under
             different heads — share a batch.
@@ -346,6 +373,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
     mean = check_mean(model, mode_, mean)
     fmt = str(getattr(prompt_format, "value", prompt_format))
     parsed = [_job_rows(model, job, j) for j, job in enumerate(jobs)]
+    stops = [_job_stop(job, j) for j, job in enumerate(jobs)]
     # format and measure every distinct prompt once
     unique: dict[str, int] = {}
     for prompts, _ in parsed:
@@ -365,7 +393,14 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
     rows = [(j, i, unique[p], heads[i]) for j, (prompts, heads) in enumerate(parsed) for i, p in enumerate(prompts)]
     out: list[list[list[int]]] = [[[] for _ in prompts] for prompts, _ in parsed]
     scores: list[list[Any]] = [[None for _ in prompts] for prompts, _ in parsed]
-    keys = [_row_key(texts[u], h, i, sampling) for j, i, u, h in rows]
+    keys = [_row_key(texts[u], h, i, sampling, stops[j]) for j, i, u, h in rows]
+
+    def stop_fn(rule: StopRule | None) -> Callable[[list[int]], bool] | None:
+        if rule is None:
+            return None
+        return lambda ids: rule.settled(tokenizer.decode(ids, skip_special_tokens=True))
+
+    row_stops = [stop_fn(stops[j]) for j, _, _, _ in rows]
     path = Path(checkpoint) if checkpoint is not None else None
     done: dict[str, dict[str, Any]] = {}
     if path is not None:
@@ -394,7 +429,8 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
             first: list[tuple[float, float]] = []
             on_first = None if score_idx is None else (lambda lg, first=first: first.extend(_first_scores(lg, score_idx)))
             got = _decode_batch(model, enc, [rows[r][3] for r in batch], [], mode_, eps, max_new_tokens, eos, gens,
-                                top_k, temperature, on_first=on_first, mean=mean)
+                                top_k, temperature, on_first=on_first, mean=mean,
+                                stops=[row_stops[r] for r in batch] if any(stops) else None)
             for b, (r, toks) in enumerate(zip(batch, got)):
                 out[rows[r][0]][rows[r][1]] = toks
                 if score_idx is not None:

@@ -502,7 +502,7 @@ class Run:
                                      system_prompt=c.system_prompt, max_new_tokens=c.max_new_tokens,
                                      batch_size=c.batch_size, seed=c.seed, progress=self.progress,
                                      refusal_tokens=self._refusal_tokens(), random_kind=c.random_kind,
-                                     mean=self._head_means())
+                                     mean=self._head_means(), stop_at_verdict=c.stop_at_verdict is not False)
             ev.provenance["eval_dataset"] = name
             if "indices" not in ev.provenance.get("data", {}):  # evaluate_conditions keeps only the texts' sha256
                 ev.provenance["data"] = _data_record(harmful)
