@@ -25,10 +25,11 @@ MODEL = "builtin:smollm2-135m-instruct"
 
 #: the smallest run that still reaches every checkpoint: 2 attribution prompts both scored exactly (a
 #: per-prompt checkpoint with one still to do), 2 Sahara steps, 2 held-out + 1 harmless prompt, 3 new
-#: tokens; 7 conditions × their prompts = 14 generated rows = 2 generation batches of 8
+#: tokens; 7 conditions × their prompts = 12 generated rows = 2 generation batches of 8 (test_resume
+#: interrupts the evaluation between them: --eval-batch-size must reach the generation)
 BASE = ["--model", MODEL, "--n-attribution", "2", "--n-ships-exact", "2", "--n-eval", "2", "--n-harmless", "1",
         "--max-new-tokens", "3", "--steps", "2", "--prefilter-k", "3", "--random-controls", "1", "--batch-size", "8",
-        "--quiet"]
+        "--eval-batch-size", "8", "--quiet"]
 
 #: the reference run (made by the subcommands) and the run test_resume interrupts: BASE under the paper's
 #: preset, so the preset goes end to end through every subcommand — and its exact Ships sweep reads the
