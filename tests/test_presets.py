@@ -82,7 +82,8 @@ def test_a_preset_less_config_keeps_its_old_digest():
     # the new fields hash as absent while unset, so run folders made before presets still resume
     c = RunConfig()
     d = c.model_dump()
-    for k in ("preset", "ships_format", "sahara_format", "eval_format", "search", "eval_dataset"):
+    for k in ("preset", "ships_format", "sahara_format", "eval_format", "search", "eval_dataset", "stop_at_verdict",
+              "eval_batch_size"):
         assert d.pop(k) is None  # every field added since run folders existed, unset
     import hashlib
 
