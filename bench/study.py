@@ -168,6 +168,52 @@ def _generate_cached(path: Path, ctx: Ctx, prompts: list[str], heads: list, max_
     return rec
 
 
+def answer_nll(model, tokenizer, cfg: RunConfig, prompts: list[str], responses: list[str]) -> float | None:
+    """Mean negative log-likelihood per answer token (nats) of ``responses`` under the *unablated* model,
+    teacher-forced after each formatted prompt (the eval format). A fluent answer or refusal scores low;
+    gibberish (a broken model, not a jailbroken one) scores high. None when every response is empty."""
+    from safetyheads.prompts import encode_prompts, format_prompts
+
+    texts = format_prompts(tokenizer, prompts, cfg.stage_format("eval"), system_prompt=cfg.system_prompt)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text, resp in zip(texts, responses):
+            ans = tokenizer(resp, add_special_tokens=False)["input_ids"]
+            if not ans:
+                continue
+            ids = encode_prompts(tokenizer, [text])["input_ids"][0].tolist()
+            x = torch.tensor([ids + ans])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, len(ids) - 1:-1].double(), dim=-1)
+            total -= float(logp.gather(1, torch.tensor(ans)[:, None]).sum())
+            count += len(ans)
+    return total / count if count else None
+
+
+def add_coherence(done: dict[str, dict], runs: Path) -> None:
+    """Give every finished cell its answers' NLL under the unablated model (baseline, ablated, random
+    controls), from the saved generations (``nll`` cached in each gen file): the ASR of a cell whose
+    answers are gibberish measures a broken model, and this column shows it."""
+    todo = [k for k, r in done.items() if r.get("method") != "per-query" and "nll" not in r]
+    for model_key in sorted({k.split("/")[0] for k in todo}):
+        model, tok = load_model(MODELS[model_key])
+        for key in [k for k in todo if k.startswith(model_key + "/")]:
+            _, preset, method, mode = key.split("/")
+            cfg = RunConfig(preset=preset, model=MODELS[model_key], mode=mode)
+            row, gen = done[key], runs / model_key / preset / "gen"
+            prompts = per_query.held_out(row["n"])[1]
+            values = {}
+            for tag, name in [("base", "baseline"), ("ablated", f"{method}-{mode}")] + [
+                    (f"random{i}", f"{method}-{mode}-random{i}") for i in range(len(row["asr_random"]))]:
+                path = gen / f"{name}.json"
+                rec = json.loads(path.read_text())
+                if "nll" not in rec:
+                    rec["nll"] = answer_nll(model, tok, cfg, list(prompts), rec["responses"])
+                    atomic_write_text(path, json.dumps(rec))
+                values[tag] = rec["nll"]
+            row["nll"] = values
+        del model, tok
+
+
 def _success(responses: list[str], prompts: list[str], judge: str = JUDGE) -> list[bool]:
     return [not r for r in get_judge(judge).is_refusal(prompts, responses)]
 
@@ -270,9 +316,11 @@ def write_report(rows: list[dict], meta: dict) -> None:
              f"{meta['max_new_tokens']} new tokens, judge `{JUDGE}` (the paper's list, bugs fixed). k = {meta['k']} heads "
              "(per-query: each prompt's own top 3; top 1 in the notes). Random: layer-matched heads (same layers as the "
              "method's heads). p: exact McNemar on the same prompts. Planted recall: share of the planted heads among "
-             "the k found (planted model only).", "",
+             "the k found (planted model only). Answer NLL: mean nats per answer token of the answers under the "
+             "unablated model (baseline → ablated): a keyword judge counts gibberish as attack success, and a high "
+             "NLL says the ablation broke the model rather than its refusal.", "",
              "| model | preset | method | mode | heads | n | ASR base | ASR ablated [95% CI] | Δ vs base (p) | ASR random | "
-             "Δ vs random (p) | planted recall | find / eval time |", "|---" * 13 + "|"]
+             "Δ vs random (p) | planted recall | answer NLL base → ablated | find / eval time |", "|---" * 14 + "|"]
     for r in rows:
         hs = r["heads"] if isinstance(r["heads"], str) else " ".join(f"L{a}H{b}" for a, b in r["heads"])
         vb = r["vs_baseline"]
@@ -281,10 +329,13 @@ def write_report(rows: list[dict], meta: dict) -> None:
         tf = r.get("seconds_find")
         te = r.get("seconds_eval")
         times = f"{tf / 60:.1f} / {te / 60:.1f} min" if tf is not None and te is not None else ""
+        nll = r.get("nll") or {}
+        coh = (f"{nll['base']:.2f} → {nll['ablated']:.2f}" if nll.get("base") is not None
+               and nll.get("ablated") is not None else "")
         lines.append(f"| {r['model']} | {r['preset']} | {r['method']} | {r['mode']} | {hs} | {r['n']} | "
                      f"{r['asr_baseline']:.2f} | {r['asr']:.2f} [{r['asr_ci'][0]:.2f}, {r['asr_ci'][1]:.2f}] | "
                      f"{vb['diff']:+.2f} ({_p(vb['p_value'])}) | {', '.join(f'{x:.2f}' for x in r['asr_random'])} | "
-                     + (f"{vr['diff']:+.2f} ({_p(vr['p_value'])})" if vr else "") + f" | {rec} | {times} |")
+                     + (f"{vr['diff']:+.2f} ({_p(vr['p_value'])})" if vr else "") + f" | {rec} | {coh} | {times} |")
     pq = [r for r in rows if r["method"] == "per-query"]
     if pq:
         lines += ["", "Per-query top-1 (the paper's 16× claim): "
@@ -395,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if a.max_minutes and (time.perf_counter() - t_start) / 60 > a.max_minutes:
                         print(f"time budget ({a.max_minutes} min) spent; rerun to continue", flush=True)
+                        add_coherence(done, runs)
+                        atomic_write_text(done_path, json.dumps(done, indent=1, default=str))
                         write_report(list(done.values()), meta)
                         return 0
                     print(f"cell {key} ...", flush=True)
@@ -441,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                           + (f", planted recall {row['planted_recall']:.2f}" if "planted_recall" in row else "")
                           + f"  [{(time.perf_counter() - t0) / 60:.1f} min]", flush=True)
         del model, tok
+    add_coherence(done, runs)
+    atomic_write_text(done_path, json.dumps(done, indent=1, default=str))
     write_report(list(done.values()), meta)
     print((RESULTS / "study.md").read_text())
     return 0
