@@ -318,7 +318,10 @@ def write_report(rows: list[dict], meta: dict) -> None:
              "method's heads). p: exact McNemar on the same prompts. Planted recall: share of the planted heads among "
              "the k found (planted model only). Answer NLL: mean nats per answer token of the answers under the "
              "unablated model (baseline → ablated): a keyword judge counts gibberish as attack success, and a high "
-             "NLL says the ablation broke the model rather than its refusal.", "",
+             "NLL says the ablation broke the model rather than its refusal. The unablated model also finds "
+             "*compliance* unlikely when it always refuses (the planted model), so fluent compliant answers score "
+             "~1 nat/token there too: read the column as an ordering and check the answers (runs/study/.../gen/).",
+             "",
              "| model | preset | method | mode | heads | n | ASR base | ASR ablated [95% CI] | Δ vs base (p) | ASR random | "
              "Δ vs random (p) | planted recall | answer NLL base → ablated | find / eval time |", "|---" * 14 + "|"]
     for r in rows:
@@ -341,7 +344,9 @@ def write_report(rows: list[dict], meta: dict) -> None:
         lines += ["", "Per-query top-1 (the paper's 16× claim): "
                   + "; ".join(f"{r['model']}/{r['preset']}/{r['mode']}: ASR {r['asr_baseline']:.2f} → {r['asr_top1']:.2f} "
                               f"(p={_p(r['top1_vs_baseline']['p_value'])}), random-1 {r['asr_random1']:.2f}" for r in pq)]
-    lines += ["", f"Cells not run are absent. Commands: see the header of `bench/study.py`; this table: `{meta['command']}`.", ""]
+    lines += ["", f"Cells not run are absent. Commands: see the header of `bench/study.py`; this table: `{meta['command']}`"
+              + (f" (cells made by earlier runs of the same study: {meta['cells_command']})" if meta.get("cells_command")
+                 else "") + ".", ""]
     atomic_write_text(RESULTS / "study.md", "\n".join(lines))
     _figure(rows)
 
@@ -398,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (between cells) after this long")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--cells-command", default=None, help="with --report-only: the command(s) that made the cells, "
+                                                          "named in study.md")
     ap.add_argument("--runs", type=Path, default=RUNS, help="checkpoint folder of this study (one set of settings)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where study.md/json/png go (default bench/results)")
     a = ap.parse_args(argv)
@@ -423,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     done_path = runs / "cells.json"
     done: dict[str, dict] = json.loads(done_path.read_text()) if done_path.exists() else {}
     if a.report_only:
+        meta["cells_command"] = a.cells_command
         write_report(list(done.values()), meta)
         print((RESULTS / "study.md").read_text())
         return 0
