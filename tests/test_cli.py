@@ -136,6 +136,9 @@ def test_evaluate_subcommand(ref):
     assert (cfg["preset"], cfg["ships_format"], cfg["sahara_format"], cfg["eval_format"]) == (
         "paper", "raw", "template-sahara", "template")
     assert cfg["max_new_tokens"] == 3  # the flag over the preset's 128
+    # stop_at_verdict (unset = on) reached the generation, with the run's judge as the rule
+    assert cfg.get("stop_at_verdict") is None
+    assert ev["provenance"]["generation"]["stop_at_verdict"] == "keyword:paper-prototype: refusal phrase"
 
 
 @pytest.mark.slow
