@@ -172,6 +172,10 @@ class KeywordJudge:
         """Why ``response`` counts as a refusal: the matched phrase, ``"<short>"``, or None."""
         if len(response.strip()) < self.min_chars:
             return "<short>"
+        return self._phrase(response)
+
+    def _phrase(self, response: str) -> str | None:
+        """The first refusal phrase ``response`` contains (or starts with, in prefix mode), or None."""
         text = normalize_text(response) if self.normalize else response
         if self.mode == "prefix":
             text = text.lstrip()
@@ -190,11 +194,7 @@ class KeywordJudge:
         "prefix": a start that matched stays the start); the short-response rule is not (more text
         lifts it), so it never settles a verdict. Generation uses this to end a row early
         (``stop_at_verdict``): the verdict on the cut response is the verdict the full one would get."""
-        text = normalize_text(response) if self.normalize else response
-        if self.mode == "prefix":
-            text = text.lstrip()
-            return any(text.startswith(p.lstrip()) for p in self._needles)
-        return any(p in text for p in self._needles)
+        return self._phrase(response) is not None
 
 
 def _check_pairs(prompts: Sequence[str] | None, responses: Sequence[str]) -> None:
