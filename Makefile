@@ -30,12 +30,16 @@ assets-1.5b: setup
 run: setup
 	$(BIN)/safetyheads run $(ARGS)
 
-# The whole test suite, slow integration tests on the real models included.
+# The whole test suite, slow integration tests on the real models included, spread over one worker
+# process per core (pytest-xdist; at most 4: each worker holds its own models). WORKERS=0 runs it in
+# one process.
+WORKERS ?= auto
+XDIST := -n $(WORKERS) --maxprocesses 4 --dist worksteal
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(ARGS)
 
 # What CI runs (as root): chromium if missing, then `make test` twice (as is, OMP_NUM_THREADS=1), each
 # with an empty HOME and CI=true (a missing requirement fails instead of skipping).

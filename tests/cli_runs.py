@@ -2,8 +2,9 @@
 
 Each run costs tens of seconds of CPU, so tests/test_cli.py, tests/test_resume.py and
 tests/test_provenance.py share the same folders: :func:`shared` builds a named run the first time
-any module asks for it (module-level cache: one Python process runs the whole session) and
-returns the cached result afterwards, re-raising the original error if the build failed.
+any module asks for it and
+returns the cached result afterwards, re-raising the original error if the build failed — once per
+session, also when pytest-xdist spreads the modules over several worker processes.
 
 :func:`result_files` reads every result a run folder holds (JSON, JSONL, safetensors) in a form
 that compares equal between two runs exactly when their results are the same: tensors bit for bit,
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 MODEL = "builtin:smollm2-135m-instruct"
 
@@ -77,14 +81,30 @@ def check(r: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProc
 
 
 def shared(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> Any:
-    """``build(folder)`` once per session for ``name``; later calls return its result (or re-raise its error)."""
+    """``build(folder)`` once per session for ``name``; later calls return its result (or re-raise its error).
+
+    Once per session, not per process: under pytest-xdist the first worker to ask builds the run under a
+    file lock in the session's shared root (``SAFETYHEADS_TEST_ROOT``, tests/conftest.py) and pickles the
+    outcome beside it; a worker that asks meanwhile waits on the lock, then reads the outcome."""
     if name not in _cache:
-        folder = tmp_path_factory.getbasetemp() / "shared-runs" / name
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _cache[name] = (True, build(folder))
-        except BaseException as e:  # noqa: BLE001 - re-raised for every test that needs this run
-            _cache[name] = (False, e)
+        root = os.environ.get("SAFETYHEADS_TEST_ROOT")
+        base = (Path(root) if root else tmp_path_factory.getbasetemp()) / "shared-runs"
+        base.mkdir(parents=True, exist_ok=True)
+        outcome = base / f"{name}.pickle"
+        with FileLock(str(base / f"{name}.lock")):
+            if outcome.exists():
+                _cache[name] = pickle.loads(outcome.read_bytes())
+            else:
+                try:
+                    result: tuple[bool, Any] = (True, build(base / name))
+                except Exception as e:  # noqa: BLE001 - re-raised for every test that needs this run
+                    result = (False, e)
+                try:
+                    blob = pickle.dumps(result)
+                except Exception:  # noqa: BLE001 - an error that does not pickle still reaches the others
+                    blob = pickle.dumps((False, RuntimeError(f"building shared run {name} failed: {result[1]!r}")))
+                outcome.write_bytes(blob)
+                _cache[name] = result
     ok, value = _cache[name]
     if not ok:
         raise value

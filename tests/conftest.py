@@ -75,19 +75,35 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+#: the environment variable through which pytest-xdist workers find the controller's temporary root
+ROOT_VAR = "SAFETYHEADS_TEST_ROOT"
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Point every cache at a fresh temporary folder before test modules import anything."""
+    """Point every cache at a fresh temporary folder before test modules import anything.
+
+    Under pytest-xdist (``make test`` runs ``-n auto``) the controller makes the folder and sets the
+    variables before it starts the workers, which inherit them: all workers share one model cache (the
+    builds lock it: tests/test_models.py's concurrent-build test) and one folder of shared runs
+    (tests/cli_runs.py). Only the process that made the folder deletes it."""
     if _state:  # configured already (pytest in pytest)
         return
     home_cache = Path.home() / ".cache" / "safetyheads"
     _state["home_cache"] = home_cache
     _state["home_before"] = _snapshot(home_cache)
-    root = Path(tempfile.mkdtemp(prefix="safetyheads-tests-")).resolve()
-    _state["root"] = root
-    _state["saved_env"] = {k: os.environ.get(k) for k in REDIRECTED}
-    for var, sub in REDIRECTED.items():
-        (root / sub).mkdir()
-        os.environ[var] = str(root / sub)
+    inherited = os.environ.get(ROOT_VAR) if hasattr(config, "workerinput") else None
+    if inherited:  # an xdist worker: the controller's root and variables, inherited
+        _state["root"] = Path(inherited)
+        _state["owner"] = False
+    else:
+        root = Path(tempfile.mkdtemp(prefix="safetyheads-tests-")).resolve()
+        _state["root"] = root
+        _state["owner"] = True
+        _state["saved_env"] = {k: os.environ.get(k) for k in (*REDIRECTED, ROOT_VAR)}
+        for var, sub in REDIRECTED.items():
+            (root / sub).mkdir()
+            os.environ[var] = str(root / sub)
+        os.environ[ROOT_VAR] = str(root)
     warm = os.environ.get("SAFETYHEADS_TEST_CACHE", "").strip()
     if warm and in_ci():
         _state["notice"] = "SAFETYHEADS_TEST_CACHE is ignored under CI=true: the model cache starts empty"
@@ -115,6 +131,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Delete the temporary caches and put the environment back."""
     root = _state.get("root")
     if root is None:
+        return
+    if not _state["owner"]:  # an xdist worker: the controller deletes the folder when all are done
+        _state.clear()
         return
     for var, value in _state["saved_env"].items():
         if value is None:

@@ -140,11 +140,6 @@ def _check_inside(out: Path, point: str, left: dict) -> str:
     return f"evaluation ({rows} generated rows checkpointed, {n} conditions written)"
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return reference(tmp_path_factory)
-
-
 #: what a run folder holds once the Ships estimate is done (the SIGINT chain starts from the
 #: reference's copy of these, to save the refusal-token generation and the estimate: a resume too)
 BEFORE_SWEEP = ("config.json", "prompts.json", "refusal_tokens.json", "ships_estimate.json",
@@ -154,7 +149,7 @@ BEFORE_SWEEP = ("config.json", "prompts.json", "refusal_tokens.json", "ships_est
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, seeded", [(signal.SIGKILL, False), (signal.SIGINT, True)],
                          ids=["kill-9-from-scratch", "sigint-from-estimate"])
-def test_interrupted_three_times_equals_uninterrupted(ref, tmp_path, sig, seeded):
+def test_interrupted_three_times_equals_uninterrupted(tmp_path_factory, tmp_path, sig, seeded):
     """Interrupted inside the Ships sweep, a Sahara step and the evaluation, then rerun: same results.
 
     Catches: a checkpoint that is not atomic (a torn file read back on resume), a resumed stage that
@@ -165,6 +160,7 @@ def test_interrupted_three_times_equals_uninterrupted(ref, tmp_path, sig, seeded
     that redoes finished work (each Sahara step is logged once across all the processes)."""
     out = tmp_path / "cut"
     if seeded:
+        ref = reference(tmp_path_factory)
         out.mkdir()
         for name in BEFORE_SWEEP:
             shutil.copy2(ref["out"] / name, out / name)
@@ -174,6 +170,7 @@ def test_interrupted_three_times_equals_uninterrupted(ref, tmp_path, sig, seeded
         where.append(_check_inside(out, point, left))
     r = check(cli("run", *SMALL, "--out", str(out)), "resumed run")
     assert "ASR" in r.stdout
+    ref = reference(tmp_path_factory)  # asked for last: another xdist worker may be building it meanwhile
     diff = diff_results(result_files(out), result_files(ref["out"]))
     assert not diff, f"resumed after {sig.name} at {where}: results differ from the uninterrupted run: {diff}"
     assert not list(out.rglob("*.tmp")) and not (out / "sahara.ckpt.json").exists() \
