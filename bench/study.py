@@ -344,9 +344,13 @@ def write_report(rows: list[dict], meta: dict) -> None:
         lines += ["", "Per-query top-1 (the paper's 16× claim): "
                   + "; ".join(f"{r['model']}/{r['preset']}/{r['mode']}: ASR {r['asr_baseline']:.2f} → {r['asr_top1']:.2f} "
                               f"(p={_p(r['top1_vs_baseline']['p_value'])}), random-1 {r['asr_random1']:.2f}" for r in pq)]
-    lines += ["", f"Cells not run are absent. Commands: see the header of `bench/study.py`; this table: `{meta['command']}`"
-              + (f" (cells made by earlier runs of the same study: {meta['cells_command']})" if meta.get("cells_command")
-                 else "") + ".", ""]
+    by_command: dict[str, list[str]] = {}
+    for r in rows:
+        cmd = r.get("command") or meta.get("cells_command") or "(not recorded)"
+        by_command.setdefault(cmd, []).append(f"{r['model']}/{r['preset']}/{r['method']}/{r['mode']}")
+    lines += ["", "Cells not run are absent. Commands: see the header of `bench/study.py`. The cells were made by:", ""]
+    lines += [f"- `{cmd}`: {', '.join(keys)}" for cmd, keys in by_command.items()]
+    lines += ["", f"This report: `{meta['command']}`.", ""]
     atomic_write_text(RESULTS / "study.md", "\n".join(lines))
     _figure(rows)
 
@@ -494,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                         except RuntimeError as e:
                             print(f"cell {key}: skipped ({e})", flush=True)
                             continue
+                    row["command"] = meta["command"]
                     done[key] = row
                     atomic_write_text(done_path, json.dumps(done, indent=1, default=str))
                     write_report(list(done.values()), meta)
