@@ -616,18 +616,23 @@ def test_concurrent_builds_do_not_collide(tmp_path: pathlib.Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_model_load_times() -> None:
-    """The 0.5B default twice, in the real cache: the second load must come from the cache, fast."""
+def test_default_model_load_times(caplog: pytest.LogCaptureFixture) -> None:
+    """The 0.5B default twice, in the session's cache: the second load comes from the cache (no GGUF
+    assembled or dequantized: the log says so; its time is printed, not asserted: a loaded CI machine
+    may take any time) and gives bit-identical logits."""
     start = time.perf_counter()
     model, tokenizer = load_model(DEFAULT_MODEL)
     first = time.perf_counter() - start
     logits = _logits(model, tokenizer)
     del model
+    caplog.set_level(logging.INFO, logger="safetyheads")
+    caplog.clear()
     start = time.perf_counter()
     model, tokenizer = load_model(DEFAULT_MODEL)
     second = time.perf_counter() - start
     print(f"\n{DEFAULT_MODEL}: first load {first:.1f} s, second load {second:.1f} s (cache {cache_dir()})")
-    assert second <= 10.0
+    assert "loaded from cache" in caplog.text
+    assert "dequantizing" not in caplog.text and "assembling" not in caplog.text and "verifying" not in caplog.text
     assert torch.equal(_logits(model, tokenizer), logits)
     info = model_info(model)
     assert (info["model_type"], info["n_layers"], info["n_heads"], info["n_kv_heads"], info["head_dim"]) == (
