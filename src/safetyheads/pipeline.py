@@ -50,8 +50,11 @@ bound by reading the weights once per step, so 64 rows ran 1.66x the rows/s of 1
 HEADLINE_ORDER = ("search-refusal", "refusal-grad", "sahara")
 """Methods whose heads a run reports as its headline ``heads.json``, most trusted first: the first one
 the run computed is used. Signed refusal methods first: on the embedded model they break refusals on
-held-out prompts where the paper's unsigned scores do not (SPEC §7's prototype measurements;
-this repository's own held-out comparison, bench/methods_bench.py, is not yet run to the end)."""
+held-out prompts where the paper's unsigned scores do not (bench/results/methods_0.5b.md, 100 held-out
+AdvBench prompts, chat format: exact refusal search k=5 0.30 → 0.56, p = 2e-7; refusal gradient k=5 → 0.51;
+Ships-KL and Sahara k=5 → 0.19 / 0.21, more refusal), and on the model with planted safety heads they are
+the only methods that recover them (bench/results/study.md, paper preset: 3/3 each, Ships-KL and Sahara
+0/3)."""
 
 
 class RunFolderError(RuntimeError):
