@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     judged = (len(up) - len(down)) / n
     read_diff = (len(a.complied) - len(down)) / n
     print(f"\n{a.judge}: {len(up)} prompts flipped to success, {len(down)} to refusal: ASR difference {judged:+.2f}. "
-          f"Read: {len(a.complied)} of the {len(up)} comply: difference {read_diff:+.2f} if the {len(down)} flips to "
-          "refusal stand (an upper bound: the unablated answers were not re-read).")
+          f"Read: {len(a.complied)} of the {len(up)} comply: difference {read_diff:+.2f}, counting the {len(down)} flips to "
+          "refusal as the judge does (they and the unchanged answers were not re-read).")
     return 0
 
 
