@@ -23,6 +23,11 @@ import per_query  # bench/, on the path when run as a script
 from safetyheads.judges import get_judge
 
 
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ⏎ ")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="runs/study/<model>/<preset>")
@@ -46,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     print(__doc__.split("\n\n")[1].replace("\n", " ") + "\n")
     print("| # | prompt | flip | unablated answer | ablated answer | read as |\n|---|---|---|---|---|---|")
     for i in sorted(up + down):
-        cell = lambda s: s.replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
         read = ("complied" if i in a.complied else "not compliance") if i in up else "—"
-        print(f"| {i} | {cell(prompts[i][:80])} | {'→ success' if i in up else '→ refusal'} | {cell(base[i])} | "
-              f"{cell(cond[i])} | {read} |")
+        print(f"| {i} | {_cell(prompts[i][:80])} | {'→ success' if i in up else '→ refusal'} | {_cell(base[i])} | "
+              f"{_cell(cond[i])} | {read} |")
     n = len(prompts)
     judged = (len(up) - len(down)) / n
     read_diff = (len(a.complied) - len(down)) / n

@@ -2,9 +2,8 @@
 
 Each run costs tens of seconds of CPU, so tests/test_cli.py, tests/test_resume.py and
 tests/test_provenance.py share the same folders: :func:`shared` builds a named run the first time
-any module asks for it and
-returns the cached result afterwards, re-raising the original error if the build failed — once per
-session, also when pytest-xdist spreads the modules over several worker processes.
+any module asks for it and returns the cached result afterwards, re-raising the original error if the
+build failed — once per session, also when pytest-xdist spreads the modules over several worker processes.
 
 :func:`result_files` reads every result a run folder holds (JSON, JSONL, safetensors) in a form
 that compares equal between two runs exactly when their results are the same: tensors bit for bit,
