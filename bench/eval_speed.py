@@ -42,19 +42,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--n-prompts", type=int, default=32, help="held-out AdvBench prompts (the default run's split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--before-batch-size", type=int, default=16, help="the old per-condition batch (RunConfig default)")
+    p.add_argument("--before-batch-size", type=int, default=16,
+                   help="the old per-condition batch (RunConfig default); 0: skip that pass (ratios and "
+                        "identical responses are then against the first pass run)")
     p.add_argument("--after-batch-sizes", default="64", help="comma-separated row batch sizes for generate_many")
     p.add_argument("--heads", default="11.7,10.11,14.11",
                    help="the chosen head set, layer.head (default: Sahara's top-3 of the 0.5B default run)")
     p.add_argument("--stop-batch-sizes", default="64",
                    help="comma-separated row batch sizes for generate_many with stop_at_verdict (the judge's "
                         "StopRule on every row); empty: skip")
+    p.add_argument("--continuous-batch-sizes", default="",
+                   help="comma-separated row batch sizes for generate_many with stop_at_verdict and continuous "
+                        "batching (waiting rows join the batch as rows finish); the other passes use fixed batches")
     p.add_argument("--judge", default="keyword:paper", help="the keyword judge of the stop rule and the verdicts")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown report here (and .json beside it)")
     a = p.parse_args(argv)
     a.after_batch_sizes = [int(x) for x in a.after_batch_sizes.split(",") if x.strip()]
     a.stop_batch_sizes = [int(x) for x in a.stop_batch_sizes.split(",") if x.strip()]
+    a.continuous_batch_sizes = [int(x) for x in a.continuous_batch_sizes.split(",") if x.strip()]
     a.heads = [tuple(int(v) for v in h.split(".")) for h in a.heads.split(",") if h.strip()]
     return a
 
@@ -95,25 +101,32 @@ def main(argv: list[str] | None = None) -> None:
     def verdicts(ids):
         return [judge.is_refusal(prompts, [tok.decode(t, skip_special_tokens=True) for t in rows]) for rows in ids]
 
-    ref, wall, cpu, l0, l1 = timed(before)
-    want = verdicts(ref)
-    n_tok = sum(len(t) for rows in ref for t in rows)
-    runs.append({"path": f"before: one condition at a time, batch {a.before_batch_size}", "tokens": n_tok,
-                 "wall_s": wall, "cpu_s": cpu, "load_before": l0, "load_after": l1, "identical": None,
-                 "same_verdicts": None})
-    print(json.dumps(runs[-1]), flush=True)  # each pass as soon as it is done (a long run may be cut)
+    ref = want = None
+    ref_stopping = False  # the reference's rows are full answers (stopped rows are only compared by verdict)
+    if a.before_batch_size:
+        ref, wall, cpu, l0, l1 = timed(before)
+        want = verdicts(ref)
+        n_tok = sum(len(t) for rows in ref for t in rows)
+        runs.append({"path": f"before: one condition at a time, batch {a.before_batch_size}", "tokens": n_tok,
+                     "wall_s": wall, "cpu_s": cpu, "load_before": l0, "load_after": l1, "identical": None,
+                     "same_verdicts": None})
+        print(json.dumps(runs[-1]), flush=True)  # each pass as soon as it is done (a long run may be cut)
     stop = StopRule(f"{judge.name}: refusal phrase", judge.refusal_settled)
-    passes = [(bs, False) for bs in a.after_batch_sizes] + [(bs, True) for bs in a.stop_batch_sizes]
-    for bs, stopping in passes:
+    passes = ([(bs, False, False) for bs in a.after_batch_sizes] + [(bs, True, False) for bs in a.stop_batch_sizes]
+              + [(bs, True, True) for bs in a.continuous_batch_sizes])
+    for bs, stopping, continuous in passes:
         jobs = [{"prompts": prompts, "heads": h, "stop": stop if stopping else None} for _, h in conds]
-        got, wall, cpu, l0, l1 = timed(lambda bs=bs, jobs=jobs: generate_many(model, tok, jobs, batch_size=bs, **kw))
+        got, wall, cpu, l0, l1 = timed(lambda bs=bs, jobs=jobs, c=continuous: generate_many(
+            model, tok, jobs, batch_size=bs, continuous=c, **kw))
+        if ref is None:  # no before pass: the first pass is the reference
+            ref, want, ref_stopping = got, verdicts(got), stopping
         same = sum(x == y for rows_a, rows_b in zip(got, ref) for x, y in zip(rows_a, rows_b))
         agree = sum(x == y for va, vb in zip(verdicts(got), want) for x, y in zip(va, vb))
-        runs.append({"path": f"after: all conditions in shared batches, batch {bs} rows"
-                             + (f", stop at verdict ({judge.name})" if stopping else ""),
+        runs.append({"path": f"after: all conditions in shared batches, {'continuous' if continuous else 'fixed'} "
+                             f"batch of {bs} rows" + (f", stop at verdict ({judge.name})" if stopping else ""),
                      "tokens": sum(len(t) for rows in got for t in rows), "wall_s": wall, "cpu_s": cpu,
-                     "load_before": l0, "load_after": l1, "identical": None if stopping else same,
-                     "same_verdicts": agree})
+                     "load_before": l0, "load_after": l1,
+                     "identical": same if stopping == ref_stopping else None, "same_verdicts": agree})
         print(json.dumps(runs[-1]), flush=True)
     total = len(conds) * len(prompts)
     base = runs[0]
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
              "Rows/s is the measure that counts for an evaluation (a stopped row generates fewer tokens for the "
              "same verdict); tokens/s is the decoder's throughput.", "",
              "| path | tokens | wall s | rows/s (wall) | tokens/s (wall) | CPU s | tokens/CPU-s | × rows/s wall | "
-             "× tokens/s CPU | load avg (1 min) before → after | responses identical to before | verdicts equal |",
+             "× tokens/s CPU | load avg (1 min) before → after | responses identical to the first pass | verdicts equal |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ident = "—" if r["identical"] is None else f"{r['identical']}/{total}"

@@ -81,6 +81,29 @@ def test_rows_leaving_at_eos_do_not_disturb_the_others(tok, model64, monkeypatch
     assert any(len(r) == 8 for rows in got for r in rows)  # and others ran on
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
+def test_rows_joining_a_running_batch_equal_alone(tok, arch, monkeypatch):
+    """Continuous batching: with small batches and rows that end early (a stop rule cuts them at
+    different lengths), waiting rows are prefilled and merged into the running batch (left-padded
+    caches, trimmed leading columns), on every architecture (gemma3's sliding-window cache decodes
+    in fixed batches); every row must equal its condition generated alone, in float64."""
+    model = tiny_lm(arch, len(tok), dtype=torch.float64, max_positions=256)
+    jobs = _jobs(PROMPTS)
+    alone = _one_at_a_time(model, tok, jobs, max_new_tokens=8, batch_size=1)
+    rule = StopRule("checksum", lambda text: sum(map(ord, text)) % 5 == 0)  # settles at scattered lengths
+    want = [[_first_settled(tok, r, rule.settled) for r in rows] for rows in alone]
+    prefills = []
+    real_merge = gen._Batch.extend
+    monkeypatch.setattr(gen._Batch, "extend", lambda self, other: prefills.append(len(other.rows))
+                        or real_merge(self, other))
+    for batch_size in (3, 8):
+        got = generate_many(model, tok, [dict(j, stop=rule) for j in jobs], max_new_tokens=8, batch_size=batch_size,
+                            progress=False)
+        assert got == want, batch_size
+    assert (not prefills) == (arch == "gemma3")  # rows did join running batches (but never a sliding-window cache)
+    assert len({len(r) for rows in want for r in rows}) > 2  # rows did end at different lengths
+
+
 def test_sampling_in_shared_batches_equals_alone(tok, model64):
     jobs = _jobs(PROMPTS[:3])
     kw = dict(sampling=True, top_k=5, temperature=1.3, seed=11, max_new_tokens=6)
@@ -103,33 +126,55 @@ def test_generate_and_score_reads_the_refusal_metric_off_the_prefill(tok, model6
         generate_and_score(model64, tok, jobs, refusal_tokens=[])
 
 
+_DECODE_STREAM = gen._decode_stream  # the real decoder, whatever a test has patched
+
+
+def _count_rows(monkeypatch, interrupt_after: int | None = None) -> tuple[list[int], list[int]]:
+    """Patch the decoder: record how many rows each generate_many call decodes and how many finished
+    before an optional KeyboardInterrupt after ``interrupt_after`` yields."""
+    real, decoded, finished = _DECODE_STREAM, [], []
+
+    def counting(model, encode, strength, *a, **k):
+        decoded.append(strength.shape[0])
+        for i, rows in enumerate(real(model, encode, strength, *a, **k)):
+            if interrupt_after is not None and i == interrupt_after:
+                raise KeyboardInterrupt
+            finished.extend(rows)
+            yield rows
+
+    monkeypatch.setattr(gen, "_decode_stream", counting)
+    return decoded, finished
+
+
 def test_checkpoint_resumes_after_an_interruption(tok, model64, tmp_path, monkeypatch):
     jobs = _jobs(PROMPTS)
     want = generate_many(model64, tok, jobs, max_new_tokens=5, batch_size=4, progress=False)
     ckpt = tmp_path / "gen.ckpt.jsonl"
-    real = gen._decode_batch
-    calls = []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(gen, "_decode_batch", flaky)
+    n_unique = sum(len(j["prompts"]) for j in jobs) - 1  # job 3's unablated row repeats job 0's
+    _, finished = _count_rows(monkeypatch, interrupt_after=3)
     with pytest.raises(KeyboardInterrupt):
         generate_many(model64, tok, jobs, max_new_tokens=5, batch_size=4, progress=False, checkpoint=ckpt)
-    assert len(ckpt.read_text().splitlines()) == 1 + 2 * 4  # header + two finished batches
-    calls.clear()
-    monkeypatch.setattr(gen, "_decode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert 0 < len(finished) < n_unique
+    assert len(ckpt.read_text().splitlines()) == 1 + len(finished)  # header + every row that had finished
+    decoded, _ = _count_rows(monkeypatch)
     again = generate_many(model64, tok, jobs, max_new_tokens=5, batch_size=4, progress=False, checkpoint=ckpt)
     assert again == want
-    n_rows = sum(len(j["prompts"]) for j in jobs)
-    assert len(calls) == -(-(n_rows - 8) // 4)  # only the rows not checkpointed were generated
+    assert decoded == [n_unique - len(finished)]  # only the rows not checkpointed were generated
     # other settings: the checkpoint is not used
-    calls.clear()
+    decoded.clear()
     generate_many(model64, tok, jobs, max_new_tokens=4, batch_size=4, progress=False, checkpoint=ckpt)
-    assert len(calls) == -(-n_rows // 4)
+    assert decoded == [n_unique]
+
+
+def test_repeated_rows_are_decoded_once(tok, model64, alone, monkeypatch):
+    """Two conditions with the same heads (e.g. two methods that chose the same set; heads in another
+    order) cost one decoding per prompt, and each gets the same tokens as alone."""
+    decoded, _ = _count_rows(monkeypatch)
+    twice = _jobs(PROMPTS) + [{"prompts": PROMPTS, "heads": [(1, 2), (0, 1)]}]  # job 1's heads, other order
+    got = generate_many(model64, tok, twice, max_new_tokens=8, batch_size=64, progress=False)
+    assert got == alone + [alone[1]]
+    # 4 jobs × 5 prompts, less job 3's unablated row that repeats job 0's; the added job adds nothing
+    assert decoded == [4 * len(PROMPTS) - 1]
 
 
 def _first_settled(tok, ids, settled):

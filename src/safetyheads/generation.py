@@ -7,12 +7,15 @@
   prompt length and decoded in shared batches, each row ablating its own heads (one strength row
   per batch row, :func:`safetyheads.ablate` with ``rows=``). Rows of the same prompt under
   different conditions sit next to each other and need no padding; a row that ends leaves the
-  batch. The result is token-identical to running each job alone (exactly so in float64; in lower
+  batch, and waiting rows take its place (continuous batching); rows that repeat another row's
+  prompt and heads are decoded once. The result is token-identical to running each job alone (exactly so in float64; in lower
   precision up to the rounding that any change of batch composition brings).
 
-Decoding is deterministic and uses its own loop (one prefill, then one token per step with the
-model's KV cache; rows that reach EOS or ``max_new_tokens`` are dropped from the batch and from the
-cache, so the cost follows the tokens actually generated). The model's ``generation_config`` is
+Decoding is deterministic and uses its own loop (a prefill per group of entering rows, then one
+token per step with the model's KV cache; rows that reach EOS or ``max_new_tokens`` are dropped from
+the batch and from the cache, so the cost follows the tokens actually generated, and once a quarter
+of the batch is free the next rows are prefilled and join it, their cache left-padded to the
+batch's length). The model's ``generation_config`` is
 not consulted: greedy decoding is pure argmax (no repetition penalty or other defaults a checkpoint
 may ship). Sampling is top-k (default 5) at temperature T (default 1): prompt ``i`` of a job's list
 draws from its own ``torch.Generator`` seeded with ``seed * 1_000_003 + i``, so its samples depend
@@ -36,7 +39,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .ablation import Head, Mode, ablate, check_eps, check_mean, mean_digest
+from .ablation import Head, Mode, ablate_strengths, check_eps, check_mean, heads_to_strength, mean_digest
 from .adapters import get_adapter, validate_heads
 from .forward import position_ids_from_mask
 from .prompts import encode_prompts, format_prompts
@@ -168,56 +171,145 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k:
     return idx.gather(1, picks.to(idx.device))[:, 0]
 
 
+def _refillable(cache: Any) -> bool:
+    """Whether rows can join a running batch: every layer of the KV cache is a plain growing
+    ``DynamicLayer`` (sliding-window, static, quantized or legacy caches decode in fixed batches)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - transformers without per-layer caches
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """``x`` with zeros prepended along ``dim`` up to ``length``."""
+    extra = length - x.shape[dim]
+    if extra <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+@dataclass
+class _Batch:
+    """Rows in flight: each row's next input token is not in the cache yet (``mask`` covers the
+    cache and that token; ``pos`` is that token's position)."""
+
+    rows: list[int]
+    cache: Any
+    mask: torch.Tensor
+    pos: torch.Tensor
+    tokens: torch.Tensor
+
+    def select(self, keep: list[int]) -> None:
+        """Keep batch rows ``keep``; drop the cache columns that no remaining row attends to."""
+        sel = torch.tensor(keep, device=self.tokens.device)
+        self.cache.reorder_cache(sel)
+        self.mask, self.pos, self.tokens = self.mask[sel], self.pos[sel], self.tokens[sel]
+        self.rows = [self.rows[b] for b in keep]
+        lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        if lead and _refillable(self.cache):
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+            self.mask = self.mask[:, lead:]
+
+    def extend(self, other: _Batch) -> None:
+        """Append ``other``'s rows (both with plain dynamic caches), left-padding the shorter cache."""
+        t = max(self.mask.shape[1], other.mask.shape[1])
+        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
+            a.keys = torch.cat([_left_pad(a.keys, t - 1, -2), _left_pad(b.keys, t - 1, -2)])
+            a.values = torch.cat([_left_pad(a.values, t - 1, -2), _left_pad(b.values, t - 1, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, t, 1), _left_pad(other.mask, t, 1)])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.rows = self.rows + other.rows
+
+
 @torch.no_grad()
-def _decode_batch(model, enc: dict[str, torch.Tensor], ctx_rows: list[list[Head]] | None, heads: list[Head], mode: Mode,
-                  eps: float, max_new_tokens: int, eos: set[int], generators: list[torch.Generator] | None,
-                  top_k: int, temperature: float, on_first: Callable[[torch.Tensor], None] | None = None,
-                  mean: torch.Tensor | None = None,
-                  stops: Sequence[Callable[[list[int]], bool] | None] | None = None) -> list[list[int]]:
-    """Greedy / sampled decoding of one left-padded batch with a KV cache.
+def _decode_stream(model, encode: Callable[[list[int]], dict[str, torch.Tensor]], strength: torch.Tensor, mode: Mode,
+                   eps: float, max_new_tokens: int, eos: set[int], generators: list[torch.Generator] | None,
+                   top_k: int, temperature: float, batch_size: int, score_idx: torch.Tensor | None = None,
+                   mean: torch.Tensor | None = None,
+                   stops: Sequence[Callable[[list[int]], bool] | None] | None = None, continuous: bool = True,
+                   ) -> Iterator[list[tuple[int, list[int], tuple[float, float] | None]]]:
+    """Greedy / sampled decoding of rows ``0 … n-1`` (entering in that order) with a KV cache, at
+    most ``batch_size`` rows at a time; yields ``(row, new token ids, first-position scores)`` for the
+    rows that finished at each step.
 
-    Rows that reach EOS or ``max_new_tokens``, or whose ``stops[row](ids so far)`` is True, leave the
-    batch (their cache rows are dropped), so the cost follows the tokens actually generated. ``on_first`` receives the prefill's last-position
-    logits ``[rows, vocab]`` (the first answer position of every row, under its ablation).
+    Row ``i`` ablates ``strength[i]`` and, when sampling, draws from ``generators[i]``;
+    ``encode(rows)`` tokenizes those rows' prompts (left-padded). A row leaves the batch (and the
+    cache) at EOS, at ``max_new_tokens`` or when ``stops[i](ids so far)`` is True, so the cost follows
+    the tokens actually generated. Continuous batching: once a quarter of the batch is free and rows
+    are waiting, the next rows are prefilled and join the running batch (their cache left-padded to
+    the batch's length; leading columns no row attends to are dropped), so the batch stays full while
+    refusals leave early. With a KV cache other than plain dynamic layers (sliding windows, …) a new
+    batch starts only when the last one is done, as with ``continuous=False``. ``score_idx`` (refusal token ids): each row's
+    prefill logits give its ``(P(refusal), refusal log-odds)`` at the first answer position, under
+    its ablation.
     """
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    n = ids.shape[0]
-    active = list(range(n))  # batch row -> prompt position in this batch
-    out: list[list[int]] = [[] for _ in range(n)]
-    pos = position_ids_from_mask(mask)
-    cur, cache = ids, None
+    n = strength.shape[0]
     cache_arg, extra = _forward_style(model)
-    ablation = (ablate(model, mode=mode, eps=eps, rows=ctx_rows, mean=mean) if ctx_rows is not None
-                else ablate(model, heads, mode=mode, eps=eps, mean=mean))
-    with ablation as ab:
-        for _ in range(max_new_tokens):
-            o = model(input_ids=cur, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: cache}, **extra)
-            if on_first is not None and cache is None:
-                on_first(o.logits[:, -1])
-            cache = _cache_of(o)
-            gens = None if generators is None else [generators[j] for j in active]
-            nxt = _pick(o.logits[:, -1].float(), gens, top_k, temperature)
-            keep = []
-            for b, (j, t) in enumerate(zip(active, nxt.tolist())):
-                if t in eos:
-                    continue
-                out[j].append(t)
-                if len(out[j]) < max_new_tokens and not (stops is not None and stops[j] is not None and stops[j](out[j])):
-                    keep.append(b)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                sel = torch.tensor(keep, device=ids.device)
-                cache.reorder_cache(sel)
-                mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
-                active = [active[b] for b in keep]
-                if ab.strength.shape[0] > 1:
-                    ab.strength = ab.strength[sel.cpu()]
-            cur = nxt[:, None]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            pos = pos[:, -1:] + 1
-    return out
+    waiting = 0  # the next row to enter
+    out: dict[int, list[int]] = {}
+    first: dict[int, tuple[float, float] | None] = {}
+    running: _Batch | None = None
+    refill_at = max(1, batch_size // 4)
 
+    def advance(rows: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Pick each row's next token; the batch positions that go on, and the rows that finished."""
+        gens = None if generators is None else [generators[r] for r in rows]
+        tokens = _pick(logits.float(), gens, top_k, temperature)
+        keep, done = [], []
+        for b, (r, t) in enumerate(zip(rows, tokens.tolist())):
+            if t not in eos:
+                out[r].append(t)
+                if len(out[r]) < max_new_tokens and not (stops is not None and stops[r] is not None
+                                                         and stops[r](out[r])):
+                    keep.append(b)
+                    continue
+            done.append(r)
+        return tokens, keep, done
+
+    with ablate_strengths(model, strength, mode=mode, eps=eps, mean=mean) as ab:
+        while waiting < n or running is not None:
+            free = batch_size - (len(running.rows) if running else 0)
+            if waiting < n and (running is None or (continuous and free >= refill_at and _refillable(running.cache))):
+                rows = list(range(waiting, min(n, waiting + free)))
+                waiting = rows[-1] + 1
+                enc = encode(rows)
+                mask = enc["attention_mask"]
+                pos = position_ids_from_mask(mask)
+                ab.strength = strength[rows]
+                o = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True,
+                          **{cache_arg: None}, **extra)
+                logits = o.logits[:, -1]
+                scored = [None] * len(rows) if score_idx is None else _first_scores(logits, score_idx)
+                for r, sc in zip(rows, scored):
+                    out[r], first[r] = [], sc
+                tokens, keep, done = advance(rows, logits)
+                new = _Batch(rows, _cache_of(o), torch.cat([mask, mask.new_ones(len(rows), 1)], 1),
+                             pos[:, -1:] + 1, tokens[:, None])
+            else:
+                assert running is not None
+                ab.strength = strength[running.rows]
+                o = model(input_ids=running.tokens, attention_mask=running.mask, position_ids=running.pos,
+                          use_cache=True, **{cache_arg: running.cache}, **extra)
+                running.cache = _cache_of(o)
+                tokens, keep, done = advance(running.rows, o.logits[:, -1])
+                running.mask = torch.cat([running.mask, running.mask.new_ones(len(running.rows), 1)], 1)
+                running.pos, running.tokens = running.pos + 1, tokens[:, None]
+                new, running = running, None
+            if done:
+                yield [(r, out.pop(r), first.pop(r)) for r in done]
+            if keep:
+                if len(keep) < len(new.rows):
+                    new.select(keep)
+                if running is None:
+                    running = new
+                else:
+                    running.extend(new)
 
 
 def _job_rows(model, job: Mapping[str, Any], index: int) -> tuple[list[str], list[list[Head]]]:
@@ -308,6 +400,7 @@ def generate_many(
     checkpoint: str | Path | None = None,
     desc: str | None = None,
     mean: torch.Tensor | None = None,
+    continuous: bool = True,
 ) -> list[list[list[int]]]:
     """Generate for several jobs at once, in shared batches; returns ``out[job][prompt]`` token ids.
 
@@ -323,6 +416,9 @@ def generate_many(
             is reused only when made with the same model and settings. Removing it is up to the
             caller.
         mean: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
+        continuous: waiting rows join the running batch as rows finish (default); False: a new
+            batch starts only when the last one is done (same tokens in float64; slower when rows end
+            at very different lengths, as refusals and compliant answers do).
         Others: as in :func:`generate`.
 
     Returns:
@@ -331,7 +427,7 @@ def generate_many(
     return _generate(model, tokenizer, jobs, mode=mode, eps=eps, prompt_format=prompt_format,
                      system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
                      temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
-                     checkpoint=checkpoint, desc=desc, refusal_tokens=None, mean=mean)[0]
+                     checkpoint=checkpoint, desc=desc, refusal_tokens=None, mean=mean, continuous=continuous)[0]
 
 
 def generate_and_score(
@@ -360,7 +456,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
               prompt_format: str = "chat", system_prompt: str | None = None, max_new_tokens: int = 128,
               sampling: bool = False, top_k: int = 5, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
               progress: bool = True, checkpoint: str | Path | None = None, desc: str | None = None,
-              refusal_tokens: list[int] | None = None, mean: torch.Tensor | None = None,
+              refusal_tokens: list[int] | None = None, mean: torch.Tensor | None = None, continuous: bool = True,
               ) -> tuple[list[list[list[int]]], list[list[Any]]]:
     if isinstance(jobs, Mapping):
         raise TypeError("jobs must be a sequence of job dicts, not one dict")
@@ -419,29 +515,43 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
             todo.append(r)
     if path is not None and done:
         log.info("generation: %d of %d rows reused from %s", len(rows) - len(todo), len(rows), path)
+    # rows that are the same computation (same formatted prompt, heads, stop rule and, when sampling, seed
+    # index: the same key) are decoded once, e.g. two methods that chose the same heads
+    first_row: dict[str, int] = {}
+    copies: dict[int, list[int]] = {}
+    for r in todo:
+        if keys[r] in first_row:
+            copies.setdefault(first_row[keys[r]], []).append(r)
+        else:
+            first_row[keys[r]] = r
+    if copies:
+        log.info("generation: %d rows repeat another row's prompt and heads; decoded once",
+                 sum(map(len, copies.values())))
+    todo = list(first_row.values())
     todo.sort(key=lambda r: (lengths[rows[r][2]], rows[r][2], rows[r][0], rows[r][1]))
     dev = _device(model)
+    strength = heads_to_strength(model, [rows[r][3] for r in todo])
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + rows[r][1]) for r in todo] if sampling else None
+
+    def encode(batch: list[int]) -> dict[str, torch.Tensor]:
+        return encode_prompts(tokenizer, [texts[rows[todo[b]][2]] for b in batch], device=dev)
+
+    stream = _decode_stream(model, encode, strength, mode_, eps, max_new_tokens, eos, gens, top_k, temperature,
+                            batch_size, score_idx=score_idx, mean=mean,
+                            stops=[row_stops[r] for r in todo] if any(stops) else None, continuous=continuous)
     with tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc or "generate", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            enc = encode_prompts(tokenizer, [texts[rows[r][2]] for r in batch], device=dev)
-            gens = [torch.Generator().manual_seed(seed * 1_000_003 + rows[r][1]) for r in batch] if sampling else None
-            first: list[tuple[float, float]] = []
-            on_first = None if score_idx is None else (lambda lg, first=first: first.extend(_first_scores(lg, score_idx)))
-            got = _decode_batch(model, enc, [rows[r][3] for r in batch], [], mode_, eps, max_new_tokens, eos, gens,
-                                top_k, temperature, on_first=on_first, mean=mean,
-                                stops=[row_stops[r] for r in batch] if any(stops) else None)
-            for b, (r, toks) in enumerate(zip(batch, got)):
-                out[rows[r][0]][rows[r][1]] = toks
-                if score_idx is not None:
-                    scores[rows[r][0]][rows[r][1]] = first[b]
+        for finished in stream:
+            for b, toks, first in finished:
+                for r2 in (todo[b], *copies.get(todo[b], ())):
+                    out[rows[r2][0]][rows[r2][1]] = list(toks)
+                    scores[rows[r2][0]][rows[r2][1]] = first
             if path is not None:
                 with path.open("a") as f:
-                    f.write("".join(json.dumps({"key": keys[r], "ids": toks,
-                                                **({"score": list(first[b])} if score_idx is not None else {})}) + "\n"
-                                    for b, (r, toks) in enumerate(zip(batch, got))))
+                    f.write("".join(json.dumps({"key": keys[todo[b]], "ids": toks,
+                                                **({"score": list(first)} if first is not None else {})}) + "\n"
+                                    for b, toks, first in finished))
                     f.flush()
-            bar.update(len(batch))
+            bar.update(sum(1 + len(copies.get(todo[b], ())) for b, _, _ in finished))
     return out, scores
 
 
