@@ -44,10 +44,11 @@ def _jobs(prompts):
 
 
 def _one_at_a_time(model, tok, jobs, **kw):
+    """The plain path: one condition at a time, whole prompts prefilled (no shared prefix cache)."""
     out = []
     for job in jobs:
         heads = {"rows": job["rows"]} if "rows" in job else {"heads": job["heads"]}
-        out.append(generate_ids(model, tok, job["prompts"], progress=False, **heads, **kw))
+        out.append(generate_ids(model, tok, job["prompts"], progress=False, shared_prefix=False, **heads, **kw))
     return out
 
 
@@ -102,6 +103,31 @@ def test_rows_joining_a_running_batch_equal_alone(tok, arch, monkeypatch):
         assert got == want, batch_size
     assert (not prefills) == (arch == "gemma3")  # rows did join running batches (but never a sliding-window cache)
     assert len({len(r) for rows in want for r in rows}) > 2  # rows did end at different lengths
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
+def test_shared_prefix_cache_equals_whole_prompts(tok, arch, monkeypatch):
+    """The chat template's common prefix is prefilled once per distinct head set and copied into each
+    row's cache (layout ``[prefix | padding | rest]``): every row's tokens and first-position refusal
+    scores must equal whole-prompt prefill, in float64, on every architecture (gemma3's sliding-window
+    cache falls back to whole prompts)."""
+    model = tiny_lm(arch, len(tok), dtype=torch.float64, max_positions=256)
+    jobs = _jobs(PROMPTS)
+    tokens = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("I", "Sorry", "As")})
+    prefixes = []
+    real = gen._prefix_cache
+    monkeypatch.setattr(gen, "_prefix_cache", lambda *a: prefixes.append(len(a[3])) or real(*a))
+    whole = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8, batch_size=5,
+                               progress=False, shared_prefix=False)
+    assert not prefixes
+    for batch_size in (3, 64):
+        ids, scores = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
+                                         batch_size=batch_size, progress=False)
+        assert ids == whole[0], batch_size
+        for got, want in zip(scores, whole[1]):
+            assert [p for p, _ in got] == pytest.approx([p for p, _ in want], rel=1e-10, abs=1e-15)
+            assert [lo for _, lo in got] == pytest.approx([lo for _, lo in want], rel=1e-10, abs=1e-12)
+    assert prefixes and min(prefixes) > 5  # the system block and more was shared
 
 
 def test_sampling_in_shared_batches_equals_alone(tok, model64):

@@ -87,9 +87,9 @@ class RunConfig(BaseModel):
                                      "or uniform over all other heads")
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int | None = Field(
-        None, ge=1, description="rows (prompt × condition) per generation batch; None = 64 (decoding reads every "
+        None, ge=1, description="rows (prompt × condition) per generation batch; None = 128 (decoding reads every "
                                 "weight once per step whatever the batch: on 2 CPU cores 64 rows ran 1.66x the rows/s "
-                                "of 16)")
+                                "of 16, 128 rows 1.06x 64)")
     seed: int = 0
 
     @model_validator(mode="before")

@@ -35,10 +35,12 @@ reuses every row found there, so a long evaluation interrupted mid-way loses at 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +51,8 @@ from tqdm.auto import tqdm
 
 from .ablation import Head, Mode, ablate_strengths, check_eps, check_mean, heads_to_strength, mean_digest
 from .adapters import get_adapter, validate_heads
-from .forward import position_ids_from_mask
-from .prompts import encode_prompts, format_prompts
+from .forward import input_device, position_ids_from_mask
+from .prompts import format_prompts, pad_left, prompt_token_ids
 
 __all__ = ["EvaluationError", "GENERATION_VERSION", "StopRule", "generate", "generate_and_score", "generate_ids",
            "generate_many"]
@@ -228,11 +230,12 @@ class _Batch:
 
 
 @torch.no_grad()
-def _decode_stream(model, encode: Callable[[list[int]], dict[str, torch.Tensor]], strength: torch.Tensor, mode: Mode,
+def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Tensor]], strength: torch.Tensor, mode: Mode,
                    eps: float, max_new_tokens: int, eos: set[int], generators: list[torch.Generator] | None,
                    top_k: int, temperature: float, batch_size: int, score_idx: torch.Tensor | None = None,
                    mean: torch.Tensor | None = None,
                    stops: Sequence[Callable[[list[int]], bool] | None] | None = None, continuous: bool = True,
+                   prefix: Sequence[int] = (),
                    ) -> Iterator[list[tuple[int, list[int], tuple[float, float] | None]]]:
     """Greedy / sampled decoding of rows ``0 … n-1`` (entering in that order) with a KV cache, at
     most ``batch_size`` rows at a time; yields ``(row, new token ids, first-position scores)`` for the
@@ -245,9 +248,15 @@ def _decode_stream(model, encode: Callable[[list[int]], dict[str, torch.Tensor]]
     are waiting, the next rows are prefilled and join the running batch (their cache left-padded to
     the batch's length; leading columns no row attends to are dropped), so the batch stays full while
     refusals leave early. With a KV cache other than plain dynamic layers (sliding windows, …) a new
-    batch starts only when the last one is done, as with ``continuous=False``. ``score_idx`` (refusal token ids): each row's
-    prefill logits give its ``(P(refusal), refusal log-odds)`` at the first answer position, under
-    its ablation.
+    batch starts only when the last one is done, as with ``continuous=False``. ``score_idx`` (refusal
+    token ids): each row's prefill logits give its ``(P(refusal), refusal log-odds)`` at the first
+    answer position, under its ablation.
+
+    ``prefix``: token ids every prompt starts with (a chat template's system block). Its KV cache is
+    computed once per distinct ablation and copied into each row's cache, so a prefill reads only the
+    rest of the prompt (``encode(rows, len(prefix))``), laid out ``[prefix | padding | rest]`` with
+    positions that skip the padding — the same attention and positions as the whole prompt. Caches
+    other than plain dynamic layers prefill whole prompts (``encode(rows, 0)``).
     """
     n = strength.shape[0]
     cache_arg, extra = _forward_style(model)
@@ -273,17 +282,25 @@ def _decode_stream(model, encode: Callable[[list[int]], dict[str, torch.Tensor]]
         return tokens, keep, done
 
     with ablate_strengths(model, strength, mode=mode, eps=eps, mean=mean) as ab:
+        shared = _prefix_cache(model, ab, strength, prefix, batch_size, cache_arg, extra) if prefix and n else None
         while waiting < n or running is not None:
             free = batch_size - (len(running.rows) if running else 0)
             if waiting < n and (running is None or (continuous and free >= refill_at and _refillable(running.cache))):
                 rows = list(range(waiting, min(n, waiting + free)))
                 waiting = rows[-1] + 1
-                enc = encode(rows)
-                mask = enc["attention_mask"]
-                pos = position_ids_from_mask(mask)
                 ab.strength = strength[rows]
+                if shared is None:
+                    enc = encode(rows, 0)
+                    mask = enc["attention_mask"]
+                    pos, past = position_ids_from_mask(mask), None
+                else:
+                    enc = encode(rows, len(prefix))
+                    past = shared.rows(rows)
+                    mask = torch.cat([enc["attention_mask"].new_ones(len(rows), len(prefix)),
+                                      enc["attention_mask"]], 1)
+                    pos = position_ids_from_mask(mask)[:, len(prefix):]
                 o = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True,
-                          **{cache_arg: None}, **extra)
+                          **{cache_arg: past}, **extra)
                 logits = o.logits[:, -1]
                 scored = [None] * len(rows) if score_idx is None else _first_scores(logits, score_idx)
                 for r, sc in zip(rows, scored):
@@ -310,6 +327,50 @@ def _decode_stream(model, encode: Callable[[list[int]], dict[str, torch.Tensor]]
                     running = new
                 else:
                     running.extend(new)
+
+
+class _SharedPrefix:
+    """The KV cache of the common prompt prefix, one row per distinct ablation (``inverse[i]``: row
+    ``i``'s), from which each prefill group's cache is assembled."""
+
+    def __init__(self, cache: Any, inverse: torch.Tensor) -> None:
+        self.cache, self.inverse = cache, inverse
+
+    def rows(self, rows: list[int]) -> Any:
+        idx = self.inverse[rows]
+        new = copy.copy(self.cache)
+        new.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in new.layers:  # fresh tensors: the forward appends to them, the template stays as it is
+            i = idx.to(layer.keys.device)  # layers of a split model live on their own devices
+            layer.keys, layer.values = layer.keys[i], layer.values[i]
+        return new
+
+
+def _prefix_cache(model, ab, strength: torch.Tensor, prefix: Sequence[int], batch_size: int, cache_arg: str,
+                  extra: dict[str, Any]) -> _SharedPrefix | None:
+    """The prefix's cache under each distinct ablation of ``strength``, ``batch_size`` at a time; None
+    when the cache is not made of plain dynamic layers (then prompts are prefilled whole)."""
+    distinct, inverse = torch.unique(strength.flatten(1), dim=0, return_inverse=True)
+    distinct = distinct.view(-1, *strength.shape[1:])
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=input_device(model))
+    caches = []
+    for b0 in range(0, len(distinct), batch_size):
+        chunk = distinct[b0:b0 + batch_size]
+        ab.strength = chunk
+        x = ids.expand(len(chunk), -1)
+        ones = torch.ones_like(x)
+        o = model(input_ids=x, attention_mask=ones, position_ids=position_ids_from_mask(ones), use_cache=True,
+                  **{cache_arg: None}, **extra)
+        cache = _cache_of(o)
+        if not _refillable(cache):
+            return None
+        caches.append(cache)
+    template = caches[0]
+    if len(caches) > 1:
+        for i, layer in enumerate(template.layers):
+            layer.keys = torch.cat([c.layers[i].keys for c in caches])
+            layer.values = torch.cat([c.layers[i].values for c in caches])
+    return _SharedPrefix(template, inverse.cpu())
 
 
 def _job_rows(model, job: Mapping[str, Any], index: int) -> tuple[list[str], list[list[Head]]]:
@@ -401,6 +462,7 @@ def generate_many(
     desc: str | None = None,
     mean: torch.Tensor | None = None,
     continuous: bool = True,
+    shared_prefix: bool = True,
 ) -> list[list[list[int]]]:
     """Generate for several jobs at once, in shared batches; returns ``out[job][prompt]`` token ids.
 
@@ -419,6 +481,9 @@ def generate_many(
         continuous: waiting rows join the running batch as rows finish (default); False: a new
             batch starts only when the last one is done (same tokens in float64; slower when rows end
             at very different lengths, as refusals and compliant answers do).
+        shared_prefix: the token ids all prompts start with (a chat template's system block) are
+            prefilled once per distinct head set and their KV cache copied into each row's (default);
+            False: every row prefills its whole prompt (same tokens in float64).
         Others: as in :func:`generate`.
 
     Returns:
@@ -427,7 +492,8 @@ def generate_many(
     return _generate(model, tokenizer, jobs, mode=mode, eps=eps, prompt_format=prompt_format,
                      system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
                      temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
-                     checkpoint=checkpoint, desc=desc, refusal_tokens=None, mean=mean, continuous=continuous)[0]
+                     checkpoint=checkpoint, desc=desc, refusal_tokens=None, mean=mean, continuous=continuous,
+                     shared_prefix=shared_prefix)[0]
 
 
 def generate_and_score(
@@ -457,7 +523,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
               sampling: bool = False, top_k: int = 5, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
               progress: bool = True, checkpoint: str | Path | None = None, desc: str | None = None,
               refusal_tokens: list[int] | None = None, mean: torch.Tensor | None = None, continuous: bool = True,
-              ) -> tuple[list[list[list[int]]], list[list[Any]]]:
+              shared_prefix: bool = True) -> tuple[list[list[list[int]]], list[list[Any]]]:
     if isinstance(jobs, Mapping):
         raise TypeError("jobs must be a sequence of job dicts, not one dict")
     jobs = list(jobs)
@@ -477,7 +543,8 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
             unique.setdefault(p, len(unique))
     plain = list(unique)
     texts = format_prompts(tokenizer, plain, fmt, system_prompt=system_prompt)
-    lengths = [len(encode_prompts(tokenizer, [t])["input_ids"][0]) for t in texts]
+    ids = prompt_token_ids(tokenizer, texts)
+    lengths = [len(x) for x in ids]
     eos = set(_eos_ids(model, tokenizer, fmt))
     score_idx = None
     if refusal_tokens is not None:
@@ -533,12 +600,16 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
     strength = heads_to_strength(model, [rows[r][3] for r in todo])
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + rows[r][1]) for r in todo] if sampling else None
 
-    def encode(batch: list[int]) -> dict[str, torch.Tensor]:
-        return encode_prompts(tokenizer, [texts[rows[todo[b]][2]] for b in batch], device=dev)
+    # the token ids every prompt starts with, at least one token short of the shortest prompt
+    prefix = os.path.commonprefix(ids)[: min(lengths) - 1] if shared_prefix and lengths else []
+
+    def encode(batch: list[int], start: int) -> dict[str, torch.Tensor]:
+        return pad_left(tokenizer, [ids[rows[todo[b]][2]][start:] for b in batch], device=dev)
 
     stream = _decode_stream(model, encode, strength, mode_, eps, max_new_tokens, eos, gens, top_k, temperature,
                             batch_size, score_idx=score_idx, mean=mean,
-                            stops=[row_stops[r] for r in todo] if any(stops) else None, continuous=continuous)
+                            stops=[row_stops[r] for r in todo] if any(stops) else None, continuous=continuous,
+                            prefix=prefix)
     with tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc or "generate", disable=not progress) as bar:
         for finished in stream:
             for b, toks, first in finished:
@@ -585,8 +656,10 @@ def generate_ids(
     rows: Sequence[Sequence[Head]] | None = None,
     desc: str | None = None,
     mean: torch.Tensor | None = None,
+    shared_prefix: bool = True,
 ) -> list[list[int]]:
-    """Like :func:`generate`, but returns each response's new token ids (cut before the first EOS)."""
+    """Like :func:`generate`, but returns each response's new token ids (cut before the first EOS);
+    ``shared_prefix`` as in :func:`generate_many`."""
     prompts = _check_prompts(prompts)
     if rows is not None and len(heads):
         raise EvaluationError("pass either heads= (same for every prompt) or rows= (one list per prompt), not both")
@@ -595,7 +668,7 @@ def generate_ids(
     return generate_many(model, tokenizer, [job], mode=mode, eps=eps, prompt_format=prompt_format,
                          system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
                          temperature=temperature, seed=seed, batch_size=batch_size, progress=progress, desc=desc,
-                         mean=mean)[0]
+                         mean=mean, shared_prefix=shared_prefix)[0]
 
 
 def generate(

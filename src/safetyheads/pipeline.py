@@ -43,9 +43,9 @@ log = logging.getLogger("safetyheads")
 
 STAGES = ("prompts", "ships", "sahara", "search", "evaluate", "report")
 
-EVAL_BATCH_SIZE = 64
-"""Generation rows per batch when ``eval_batch_size`` is unset (``bench/eval_speed.py``: decoding is
-bound by reading the weights once per step, so 64 rows ran 1.66x the rows/s of 16 on 2 CPU cores)."""
+EVAL_BATCH_SIZE = 128
+"""Generation rows per batch when ``eval_batch_size`` is unset (``bench/eval_speed.py`` on 2 CPU cores:
+64 rows ran 1.66x the rows/s of 16; with continuous batching and the shared prefix, 128 rows 1.06x 64)."""
 
 HEADLINE_ORDER = ("search-refusal", "refusal-grad", "sahara")
 """Methods whose heads a run reports as its headline ``heads.json``, most trusted first: the first one

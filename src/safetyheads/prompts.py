@@ -50,7 +50,9 @@ __all__ = [
     "PromptFormat",
     "encode_prompts",
     "format_prompts",
+    "pad_left",
     "prompt_format_info",
+    "prompt_token_ids",
 ]
 
 TEMPLATE = "## Query: {query}\n## Answer:"
@@ -170,6 +172,52 @@ def format_prompts(
     return [prefix + q for q in qs]
 
 
+def prompt_token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of formatted prompts, unpadded, exactly as :func:`encode_prompts` feeds them.
+
+    A text that already starts with the tokenizer's BOS text (chat templates such as Llama's
+    write it) is encoded with ``add_special_tokens=False``; other texts use the tokenizer's
+    default, so a raw or templated prompt still gets the BOS token a Llama-style tokenizer adds.
+    """
+    items = _check_queries(texts, what="text")
+    if not items:
+        raise ValueError("no texts to encode")
+    bos_text = getattr(tokenizer, "bos_token", None)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    rows: list[list[int]] = []
+    for t in items:
+        starts_with_bos = bool(bos_text) and t.startswith(bos_text)
+        ids = list(tokenizer(t, add_special_tokens=not starts_with_bos)["input_ids"])
+        if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
+            ids = ids[1:]  # the text began with BOS after all (e.g. leading whitespace)
+        rows.append(ids)
+    return rows
+
+
+def pad_left(
+    tokenizer: Any, rows: Sequence[Sequence[int]], *, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """Token id lists as a left-padded batch (see :func:`encode_prompts`); padding uses
+    ``pad_token_id``, else ``eos_token_id``, else 0."""
+    if not rows:
+        raise ValueError("no token rows to pad")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            attention_mask[i, width - len(r) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
 def encode_prompts(
     tokenizer: Any, texts: Sequence[str], *, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -185,33 +233,7 @@ def encode_prompts(
         (``cumsum(attention_mask) - 1`` clamped at 0), all ``int64`` of shape ``[batch, seq]``,
         on ``device`` if given.
     """
-    items = _check_queries(texts, what="text")
-    if not items:
-        raise ValueError("no texts to encode")
-    bos_text = getattr(tokenizer, "bos_token", None)
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    rows: list[list[int]] = []
-    for t in items:
-        starts_with_bos = bool(bos_text) and t.startswith(bos_text)
-        ids = list(tokenizer(t, add_special_tokens=not starts_with_bos)["input_ids"])
-        if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
-            ids = ids[1:]  # the text began with BOS after all (e.g. leading whitespace)
-        rows.append(ids)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, width - len(r) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    if device is not None:
-        out = {k: v.to(device) for k, v in out.items()}
-    return out
+    return pad_left(tokenizer, prompt_token_ids(tokenizer, texts), device=device)
 
 
 def prompt_format_info(
