@@ -5,7 +5,11 @@
 * :func:`reuse_residual` — skip the layers below ``start`` and feed a cached residual stream
   instead: an ablation in layer ``l`` cannot change layers ``< l``.
 * :func:`last_token_logits` / :func:`last_token_hidden` — logits (``logits_to_keep=1``) or the
-  final-norm hidden state at the last prompt position only.
+  final-norm hidden state at the last prompt position only, optionally after a cached prefix.
+* :class:`SharedPrefix` — the token prefix every prompt of a set starts with (a chat template's
+  system block), run once per ablation instead of once per prompt: its KV cache, expanded over a
+  batch, stands in for those tokens (layout ``[prefix | left padding | rest]``, positions that skip
+  the padding: the same attention and positions as the whole prompt).
 
 All of them work on models split over devices by accelerate (``device_map=...``, including CPU/disk
 offload): inputs go to :func:`input_device`, cached activations move to the layer that reads them,
@@ -15,7 +19,8 @@ and accelerate's per-module ``forward`` wrappers are left in place.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,12 +114,9 @@ def reuse_residual(model: nn.Module, start: int, hidden: torch.Tensor | None) ->
                 layer.forward = fwd
 
 
-def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One unablated forward: the residual stream entering every layer, and the last-token logits.
-
-    Returns ``(inputs, logits)``: ``inputs[l]`` is ``[batch, pos, d_model]`` entering layer ``l``;
-    ``logits`` is ``[batch, vocab]`` at the last position (see :func:`last_token_logits`).
-    """
+@contextlib.contextmanager
+def captured_inputs(model: nn.Module) -> Iterator[list[torch.Tensor | None]]:
+    """Inside the block, ``inputs[l]`` is set to the residual stream entering layer ``l`` on every forward."""
     layers = get_adapter(model).layers
     inputs: list[torch.Tensor | None] = [None] * len(layers)
 
@@ -126,18 +128,140 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
     handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        logits = last_token_logits(model, input_ids, attention_mask)
+        yield inputs
     finally:
         for h in handles:
             h.remove()
+
+
+def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 past: Any = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One forward (under whatever ablation is active): the residual stream entering every layer, and the
+    last-token logits; ``past`` as in :func:`last_token_logits` (then the inputs cover ``input_ids`` only).
+
+    Returns ``(inputs, logits)``: ``inputs[l]`` is ``[batch, pos, d_model]`` entering layer ``l``;
+    ``logits`` is ``[batch, vocab]`` at the last position (see :func:`last_token_logits`).
+    """
+    with captured_inputs(model) as inputs:
+        logits = last_token_logits(model, input_ids, attention_mask, past)
     return inputs, logits  # type: ignore[return-value]
 
 
-def _model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+def cache_argument(fn) -> str:
+    """The name of ``fn``'s KV-cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` or ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def plain_cache(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is a plain growing ``DynamicLayer`` holding tensors (caches with
+    sliding windows, static, quantized or offloaded layers are not reshaped by this library)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - transformers without per-layer caches
+        return False
+    layers = getattr(cache, "layers", None)
+    return (bool(layers) and not getattr(cache, "offloading", False)
+            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers))
+
+
+def cache_rows(cache: Any, rows: int | torch.Tensor) -> Any:
+    """A new cache with ``rows`` rows of a plain ``cache``: a count (its one row expanded, no copy) or
+    an index tensor; ``cache`` itself is untouched (a forward reassigns, never edits, a layer's tensors)."""
+    import copy
+
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in new.layers:
+        if isinstance(rows, int):
+            layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+        else:
+            i = rows.to(layer.keys.device)  # layers of a split model live on their own devices
+            layer.keys, layer.values = layer.keys[i], layer.values[i]
+    return new
+
+
+class SharedPrefix:
+    """The first ``len(ids)`` tokens every prompt of a set starts with, run once (one row).
+
+    ``inputs[l]``: the residual stream entering layer ``l`` at the prefix positions (``[1, P, d]``),
+    ``cache``: its KV cache, both under the ablation active when it was built (usually none).
+    :meth:`under` gives the prefix's cache under another ablation (the context active when it is
+    called) that touches no layer below ``low``: layers below come from this one, the rest run from
+    ``inputs[low]``. Build with :meth:`build`, which returns None when the model's cache is not made of
+    plain dynamic layers (then prompts are run whole).
+    """
+
+    def __init__(self, ids: torch.Tensor, inputs: list[torch.Tensor], cache: Any) -> None:
+        self.ids, self.inputs, self.cache = ids, inputs, cache
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[1])
+
+    @staticmethod
+    def length(rows: list[list[int]]) -> int:
+        """How many leading tokens all ``rows`` share, at least one short of the shortest row (a prompt
+        keeps a last token of its own, whose logits are read)."""
+        import os
+
+        return len(os.path.commonprefix(rows)[: min(len(r) for r in rows) - 1]) if rows else 0
+
+    @classmethod
+    def build(cls, model: nn.Module, ids: Sequence[int]) -> SharedPrefix | None:
+        if not len(ids):
+            return None
+        x = torch.tensor([list(ids)], dtype=torch.long)
+        inputs, cache = cls._run(model, x, None, 0)
+        return cls(x, inputs, cache) if plain_cache(cache) else None
+
+    @staticmethod
+    def _run(model: nn.Module, x: torch.Tensor, prefix: SharedPrefix | None, low: int) -> tuple[list, Any]:
+        import copy
+
+        mask = torch.ones_like(x)
+        # reuse_residual's hook first: the capture at layer ``low`` must see the input it put there
+        with torch.no_grad(), reuse_residual(model, low, None if prefix is None else prefix.inputs[low]), \
+                captured_inputs(model) as inputs:
+            kw = _model_inputs(model, x, mask)
+            out = model.base_model(**{**kw, "use_cache": True})
+        cache = output_cache(out)
+        if prefix is not None and low > 0:  # the skipped layers keep the cache and inputs they had
+            cache = copy.copy(cache)
+            cache.layers = [prefix.cache.layers[i] if i < low else layer for i, layer in enumerate(cache.layers)]
+            inputs = [prefix.inputs[i] if i < low else h for i, h in enumerate(inputs)]
+        return inputs, cache
+
+    def under(self, model: nn.Module, low: int, rows: int = 1) -> SharedPrefix:
+        """The prefix under the ablation now active on ``model``, which changes no layer below ``low``;
+        ``rows``: the ablation's batch rows (e.g. one head per row), each its own prefix row."""
+        inputs, cache = self._run(model, self.ids.expand(rows, -1), self, low)
+        return SharedPrefix(self.ids, inputs, cache)
+
+    def batch(self, rows: int) -> Any:
+        """The prefix cache for a batch of ``rows`` prompts (expanded, not copied; a prefix built with
+        ``rows`` rows is taken as it is)."""
+        return cache_rows(self.cache, rows)
+
+
+def _model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: Any = None,
+                  fn=None) -> dict:
+    """Keyword arguments of a forward: left padding skipped by the positions; with ``past`` (a prefix
+    cache) ``attention_mask`` covers the prefix and ``input_ids`` (``[prefix | padding | rest]``)."""
     dev = input_device(model)
     mask = attention_mask.to(dev)
-    return {"input_ids": input_ids.to(dev), "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
-            "use_cache": False}
+    kw = {"input_ids": input_ids.to(dev), "attention_mask": mask,
+          "position_ids": position_ids_from_mask(mask)[:, mask.shape[1] - input_ids.shape[1]:]}
+    if past is None:
+        return {**kw, "use_cache": False}
+    return {**kw, "use_cache": True, cache_argument(fn or model.forward): past}
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -152,16 +276,19 @@ def score_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
 
 
-def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      past: Any = None) -> torch.Tensor:
     """Next-token logits at the last position (left padding), ``[batch, vocab]`` in float32 (float64 for a
-    float64 model)."""
-    out = model(**_model_inputs(model, input_ids, attention_mask), logits_to_keep=1)
+    float64 model). ``past``: a prefix's KV cache (:meth:`SharedPrefix.batch`), which
+    ``attention_mask`` then covers too."""
+    out = model(**_model_inputs(model, input_ids, attention_mask, past), logits_to_keep=1)
     return at_least_float32(out.logits[:, -1])
 
 
-def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      past: Any = None) -> torch.Tensor:
     """Final hidden state after the final norm at the last position, ``[batch, d_model]``, float32
-    (float64 for a float64 model).
+    (float64 for a float64 model); ``past`` as in :func:`last_token_logits`.
 
     Runs the base model only (no unembedding).
     """
@@ -169,7 +296,7 @@ def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     got: list[torch.Tensor] = []
     handle = ad.final_norm.register_forward_hook(lambda m, a, out: got.append(out[:, -1]))
     try:
-        model.base_model(**_model_inputs(model, input_ids, attention_mask))
+        model.base_model(**_model_inputs(model, input_ids, attention_mask, past, model.base_model.forward))
     finally:
         handle.remove()
     return at_least_float32(got[-1])

@@ -49,8 +49,8 @@ from tqdm.auto import tqdm
 from .ablation import Head, Mode, check_eps, check_mean, heads_to_strength, mean_digest
 from .ablation import ablate_strengths as _ablate
 from .adapters import get_adapter, validate_heads
-from .forward import last_token_hidden, last_token_logits, reuse_residual
-from .prompts import encode_prompts, format_prompts
+from .forward import SharedPrefix, captured_inputs, last_token_hidden, last_token_logits, reuse_residual
+from .prompts import format_prompts, pad_left, prompt_token_ids
 from .provenance import atomic_write_text, model_record, prompts_digest, provenance
 from .shards import as_shard, candidate_cost
 from .ships import kl_from_logprobs, refusal_logodds
@@ -196,10 +196,15 @@ class _Residuals:
     changes nothing below the lowest added head's layer, so only the layers from there on run — in
     every greedy step, not just the first. Exact: the same operations on the same batch shapes.
     ``mean``: the head means every ablation of mode ``mean`` uses (:func:`~safetyheads.ablation.head_means`).
+
+    ``shared_prefix``: the tokens every prompt starts with (a chat template's system block) run once
+    per ablation, one row, and their KV cache stands in for them in every prompt batch
+    (:class:`~safetyheads.forward.SharedPrefix`); the batches then hold only the rest of each prompt.
+    Not with ``mode="ua-limit"`` (prefill only) — the caller says so.
     """
 
     def __init__(self, model, tokenizer, texts: list[str], batch_size: int, reuse: bool,
-                 readout: str = "hidden", mean: torch.Tensor | None = None) -> None:
+                 readout: str = "hidden", mean: torch.Tensor | None = None, shared_prefix: bool = True) -> None:
         if readout not in ("hidden", "logits"):
             raise ValueError(f"readout must be 'hidden' or 'logits', got {readout!r}")
         self.model = model
@@ -208,36 +213,50 @@ class _Residuals:
         self.reuse = reuse
         self.read = last_token_hidden if readout == "hidden" else last_token_logits
         self.under: torch.Tensor | None = None
+        rows = prompt_token_ids(tokenizer, texts)
+        n_prefix = SharedPrefix.length(rows) if shared_prefix and len(rows) > 1 else 0
+        self.prefix0 = SharedPrefix.build(model, rows[0][:n_prefix]) if n_prefix else None  # unablated
+        self.prefix = self.prefix0  # under self.under
+        n_prefix = len(self.prefix0) if self.prefix0 is not None else 0
         self.blocks = []  # (ids, mask, layer inputs or None, last-token readout)
         for b0 in range(0, len(texts), batch_size):
-            enc = encode_prompts(tokenizer, texts[b0:b0 + batch_size])
+            enc = pad_left(tokenizer, [r[n_prefix:] for r in rows[b0:b0 + batch_size]])
             ids, mask = enc["input_ids"], enc["attention_mask"]
-            inputs, h = self._run(ids, mask, None, None, 0.0)
+            if n_prefix:
+                mask = torch.cat([mask.new_ones(len(mask), n_prefix), mask], 1)
+            inputs, h = self._run(ids, mask, None, None, 0.0, self.prefix)
             self.blocks.append((ids, mask, inputs, h))
         self.base = torch.cat([b[3] for b in self.blocks]).double()
 
-    def _run(self, ids, mask, strength, mode, eps) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
-        """One full forward of a block (ablated by ``strength`` if given), capturing layer inputs if reusing."""
-        inputs: list[torch.Tensor] = []
-        handles = [layer.register_forward_pre_hook(
-            lambda m, a, k, inputs=inputs: inputs.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
-            for layer in get_adapter(self.model).layers] if self.reuse else []
-        try:
-            with torch.no_grad(), contextlib.ExitStack() as stack:
-                if strength is not None:
-                    stack.enter_context(_ablate(self.model, strength, mode=mode, eps=eps, mean=self.mean,
-                                                attention_mask=mask))
-                h = self.read(self.model, ids, mask)
-        finally:
-            for hd in handles:
-                hd.remove()
-        return inputs or None, h
+    def _past(self, prefix: SharedPrefix | None, ids: torch.Tensor):
+        return None if prefix is None else prefix.batch(ids.shape[0])
+
+    def _run(self, ids, mask, strength, mode, eps, prefix) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """One full forward of a block (ablated by ``strength`` if given; ``prefix`` under the same
+        ablation), capturing layer inputs if reusing."""
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            inputs = stack.enter_context(captured_inputs(self.model)) if self.reuse else None
+            if strength is not None:
+                stack.enter_context(_ablate(self.model, strength, mode=mode, eps=eps, mean=self.mean,
+                                            attention_mask=mask))
+            h = self.read(self.model, ids, mask, self._past(prefix, ids))
+        return inputs, h
+
+    def _prefix_under(self, strength: torch.Tensor, mode: Mode, eps: float, low: int) -> SharedPrefix | None:
+        if self.prefix is None:
+            return None
+        with torch.no_grad(), _ablate(self.model, strength, mode=mode, eps=eps, mean=self.mean):
+            return self.prefix.under(self.model, low)
 
     def rebase(self, strength: torch.Tensor, mode: Mode, eps: float) -> None:
         """Cache the layer inputs of the model ablated by ``strength`` (the heads chosen so far)."""
         if not self.reuse or not strength.any():
             return
-        self.blocks = [(ids, mask, self._run(ids, mask, strength, mode, eps)[0], h) for ids, mask, _, h in self.blocks]
+        if self.prefix0 is not None:  # from the unablated prefix: every layer under the new ablation
+            with torch.no_grad(), _ablate(self.model, strength, mode=mode, eps=eps, mean=self.mean):
+                self.prefix = self.prefix0.under(self.model, 0)
+        self.blocks = [(ids, mask, self._run(ids, mask, strength, mode, eps, self.prefix)[0], h)
+                       for ids, mask, _, h in self.blocks]
         self.under = strength.clone()
 
     def ablated(self, strength: torch.Tensor, mode: Mode, eps: float) -> torch.Tensor:
@@ -250,11 +269,12 @@ class _Residuals:
         low = int(torch.nonzero(added[0].sum(1))[0, 0]) if added.any() else 0
         # low == 0 (or no cache): run every layer under `strength`
         cached = [inputs[low] if inputs and low > 0 else None for _, _, inputs, _ in self.blocks]
+        prefix = self._prefix_under(strength, mode, eps, low if self.reuse else 0)
         out = []
         for (ids, mask, _, _), hidden in zip(self.blocks, cached):
             with torch.no_grad(), reuse_residual(self.model, low, hidden), \
                     _ablate(self.model, strength, mode=mode, eps=eps, mean=self.mean, attention_mask=mask):
-                out.append(self.read(self.model, ids, mask))
+                out.append(self.read(self.model, ids, mask, self._past(prefix, ids)))
         return torch.cat(out).double()
 
 
@@ -490,11 +510,12 @@ def search_heads(
             atomic_write_text(ckpt, json.dumps(state))
 
     t0 = time.perf_counter()
-    reps = _Residuals(model, tokenizer, texts, bs, reuse, obj.readout, mean=mean)
+    shared = mode is not Mode.UA_LIMIT  # ua-limit is prefill-only: no prefix cache
+    reps = _Residuals(model, tokenizer, texts, bs, reuse, obj.readout, mean=mean, shared_prefix=shared)
     obj.prepare(reps.base)
     harm = None
     if h_texts is not None:
-        harm = _Residuals(model, tokenizer, h_texts, bs, reuse, "logits", mean=mean)
+        harm = _Residuals(model, tokenizer, h_texts, bs, reuse, "logits", mean=mean, shared_prefix=shared)
         harm_kl = _KL()
         harm_kl.prepare(harm.base)
 
@@ -683,7 +704,8 @@ def head_scores(
     heads = validate_heads(heads, get_adapter(model).geometry)
     bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
-    reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout, mean=mean)
+    reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout, mean=mean,
+                      shared_prefix=mode is not Mode.UA_LIMIT)
     obj.prepare(reps.base)
     out: dict[Head, float] = {}
     for h in tqdm(list(dict.fromkeys(heads)), desc=f"head scores ({objective})", disable=not progress):

@@ -40,6 +40,7 @@ from .ablation import (
 )
 from .adapters import get_adapter, validate_heads
 from .forward import (
+    SharedPrefix,
     at_least_float32,
     input_device,
     last_token_logits,
@@ -288,16 +289,23 @@ def ships(
             if refusal is not None:
                 refusal[i, layer, head] = float(r)
 
-    for i, ids in enumerate(encoded):
+    def done(i: int, c: int, chunk_kl, chunk_ref) -> None:
+        fill(i, chunks[c], chunk_kl, chunk_ref)
+        if shard is not None:
+            shard.record((i, c), (chunk_kl.tolist(), None if chunk_ref is None else chunk_ref.tolist()))
+        bar.update(1)
+
+    prefix = _shared_prefix(model, encoded) if method == "exact" and mode is not Mode.UA_LIMIT else None
+    if prefix is not None:
+        for i, c, chunk_kl, chunk_ref in _sweep_shared(model, encoded, prefix, chunks, mode, eps, mean, rt, mine):
+            done(i, c, chunk_kl, chunk_ref)
+    for i, ids in enumerate(encoded if prefix is None else ()):
         only = None if mine is None else {c for p, c in mine if p == i}
         if only is not None and not only:
             continue
         sweep = _sweep_naive if method == "naive" else _sweep_exact
         for c, chunk_kl, chunk_ref in sweep(model, ids, chunks, mode, eps, mean, rt, only):
-            fill(i, chunks[c], chunk_kl, chunk_ref)
-            if shard is not None:
-                shard.record((i, c), (chunk_kl.tolist(), None if chunk_ref is None else chunk_ref.tolist()))
-            bar.update(1)
+            done(i, c, chunk_kl, chunk_ref)
     bar.close()
     if shard is not None:
         for (i, c), (chunk_kl, chunk_ref) in shard.gather().items():
@@ -376,6 +384,48 @@ def _sweep_exact(model, ids, chunks, mode, eps, mean, rt, only=None) -> Iterator
             logits = last_token_logits(model, ids.expand(rows, -1), mask.expand(rows, -1))
         kl, ref = _scores(base_logits, logits, rt)
         yield c, kl, ref
+
+
+def _shared_prefix(model, encoded: list[torch.Tensor]) -> SharedPrefix | None:
+    """The token prefix all prompts share (≥ 2 prompts; None when there is none or the model's cache
+    is not plain)."""
+    if len(encoded) < 2:
+        return None
+    rows = [e[0].tolist() for e in encoded]
+    n = SharedPrefix.length(rows)
+    return SharedPrefix.build(model, rows[0][:n]) if n else None
+
+
+def _sweep_shared(model, encoded, prefix: SharedPrefix, chunks, mode, eps, mean, rt, mine=None) -> Iterator:
+    """The exact sweep of several prompts that start with the same tokens: per chunk of heads, the
+    prefix runs once (one row per head, from the chunk's lowest layer) and its KV cache stands in for
+    those tokens in every prompt, whose own tokens run from the same layer on the residual of an
+    unablated pass. Chunk-major; yields ``(prompt, chunk, kl, refusal)``; ``mine``: the units to
+    compute (None: all)."""
+    n = len(prefix)
+    lows = {min(layer for layer, _ in chunk) for chunk in chunks}
+    rest = []  # per prompt: its own tokens, their residual at the chunks' lowest layers, base logits
+    for ids in encoded:
+        tail = ids[:, n:]
+        inputs, base_logits = layer_inputs(model, tail, torch.ones_like(ids), prefix.batch(1))
+        rest.append((tail, {low: inputs[low] for low in lows}, base_logits))
+    for c, chunk in enumerate(chunks):
+        todo = [i for i in range(len(encoded)) if mine is None or (i, c) in mine]
+        if not todo:
+            continue
+        low = min(layer for layer, _ in chunk)
+        strength = heads_to_strength(model, [[h] for h in chunk])
+        rows = len(chunk)
+        with ablate_strengths(model, strength, mode=mode, eps=eps, mean=mean):
+            pre = prefix.under(model, low, rows)
+        for i in todo:
+            tail, inputs, base_logits = rest[i]
+            mask = torch.ones(rows, n + tail.shape[1], dtype=torch.long)
+            with reuse_residual(model, low, inputs[low]), \
+                    ablate_strengths(model, strength, mode=mode, eps=eps, mean=mean):
+                logits = last_token_logits(model, tail.expand(rows, -1), mask, pre.batch(rows))
+            kl, ref = _scores(base_logits, logits, rt)
+            yield i, c, kl, ref
 
 
 def _sweep_naive(model, ids, chunks, mode, eps, mean, rt, only=None) -> Iterator:
