@@ -350,6 +350,23 @@ def test_teacher_forced_kl(tokenizer, model):
     assert kl["none"] == 0.0 and kl["empty"] == 0.0 and kl["two"] > 0
     batched = teacher_forced_kl(model, tokenizer, HARMLESS, responses, {"two": [(0, 1), (1, 2)]}, batch_size=2)
     assert batched["two"] == pytest.approx(kl["two"], rel=1e-10)  # float64: padded batch == one at a time
+    # an independent reference: each prompt + response run whole (no shared prefix cache, no padding)
+    from safetyheads import ablate
+    from safetyheads.prompts import format_prompts
+
+    total, count = 0.0, 0
+    for text, resp in zip(format_prompts(tokenizer, HARMLESS), responses):
+        p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(resp, add_special_tokens=False)["input_ids"] if resp else []
+        ids = torch.tensor([p_ids + r_ids])
+        n = len(r_ids) + 1
+        with torch.no_grad():
+            base = torch.log_softmax(model(input_ids=ids).logits[0, -n:], -1)
+            with ablate(model, [(0, 1), (1, 2)]):
+                lp = torch.log_softmax(model(input_ids=ids).logits[0, -n:], -1)
+        total += float((base.exp() * (base - lp)).sum())
+        count += n
+    assert kl["two"] == pytest.approx(total / count, rel=1e-10)
 
 
 def test_condition_json_round_trip():

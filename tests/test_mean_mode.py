@@ -227,7 +227,7 @@ def test_run_in_mode_mean_passes_one_saved_mean_to_every_stage(model, tok, tmp_p
     signed = json.loads((out / "signed_effects.json").read_text())
     heads = [(a, b) for a, b, _ in signed["heads"]]
     want = signed_effects(model, tok, attr, heads, refusal_tokens=rt, mode="mean", mean=mean, batch_size=4)
-    # the run reads them off one exact Ships sweep (other batch shapes than head_scores): float64 rounding
+    # the run reads them off the same passes as the other table columns (single_head_scores): float64 rounding
     assert [v for _, _, v in signed["heads"]] == pytest.approx([want[h] for h in heads], rel=1e-10, abs=1e-12)
     headline = json.loads((out / "heads.json").read_text())
     assert headline["method"] == "search-refusal" and headline["mode"] == "mean"

@@ -19,7 +19,8 @@ from tiny_lm import PROMPTS, refusal_ids, smol_tokenizer, tiny_lm
 
 from safetyheads import ablate, sahara
 from safetyheads.prompts import encode_prompts, format_prompts
-from safetyheads.search import SearchResult, head_scores, search_heads, signed_effects
+from safetyheads.search import SearchResult, head_scores, search_heads, signed_effects, single_head_scores
+from safetyheads.ships import ships
 
 search_mod = sys.modules["safetyheads.search"]
 
@@ -381,3 +382,22 @@ def test_disagreement_table(model, tok, rt, ref, tmp_path):
     d.save(tmp_path / "d.json")
     back = Disagreement.load(tmp_path / "d.json")
     assert back.to_json() == json.loads(json.dumps(d.to_json()))
+
+
+def test_single_head_scores_read_every_objective_off_one_pass(model, tok, rt):
+    """single_head_scores over kl, refusal and subspace (one forward per head and prompt batch, hidden
+    state and logits of the same pass) equals head_scores per objective, and its KL and refusal equal
+    the exact Ships sweep's means (float64: 1e-10 relative)."""
+    heads = [(0, 1), (1, 3), (2, 0), (2, 2)]
+    kw = dict(refusal_tokens=rt, rank=2, batch_size=2)
+    got = single_head_scores(model, tok, P6, heads, objectives=("kl", "refusal", "subspace"), **kw)
+    for obj in ("kl", "refusal", "subspace"):
+        want = head_scores(model, tok, P6, heads, objective=obj, **kw)
+        assert [got[obj][h] for h in heads] == pytest.approx([want[h] for h in heads], rel=1e-10, abs=1e-14)
+    sweep = ships(model, tok, P6, heads=heads, refusal_tokens=rt, progress=False)
+    for obj, metric in (("kl", "kl"), ("refusal", "refusal")):
+        m = sweep.mean(metric)
+        assert [got[obj][h] for h in heads] == pytest.approx([float(m[h]) for h in heads], rel=1e-10, abs=1e-14)
+    assert len({round(v, 6) for v in got["subspace"].values()}) == len(heads)  # the heads differ
+    with pytest.raises(ValueError, match="objective"):
+        single_head_scores(model, tok, P6, heads, objectives=("nope",))

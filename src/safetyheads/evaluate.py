@@ -62,7 +62,7 @@ from .evaluation import (
     attack_success,
     summary_lines,
 )
-from .forward import position_ids_from_mask
+from .forward import SharedPrefix, cache_argument, position_ids_from_mask
 from .generation import (
     GENERATION_VERSION,
     EvaluationError,
@@ -78,7 +78,7 @@ from .generation import (
     generate_ids,
     generate_many,
 )
-from .prompts import encode_prompts, format_prompts, prompt_format_info
+from .prompts import format_prompts, prompt_format_info, prompt_token_ids
 from .provenance import atomic_write_text, model_record, prompts_digest, provenance
 from .refusal_metric import _get_judge, _judge_name, _run_judge, derive_refusal_tokens, refusal_tokens_from
 from .stats import (
@@ -522,37 +522,52 @@ def teacher_forced_kl(
     sets = {name: validate_heads(h, g) for name, h in head_sets.items()}
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
     seqs: list[tuple[list[int], int]] = []  # (ids, number of scored positions)
-    for text, resp in zip(texts, responses):
-        p_ids = encode_prompts(tokenizer, [text])["input_ids"][0].tolist()
+    p_rows = prompt_token_ids(tokenizer, texts)
+    for p_ids, resp in zip(p_rows, responses):
         r_ids = list(tokenizer(resp, add_special_tokens=False)["input_ids"]) if resp else []
         seqs.append((p_ids + r_ids, len(r_ids) + 1))
+    # the prompts' common prefix (chat template's system block) runs once per head set (ua-limit: prefill only)
+    n_pre = SharedPrefix.length(p_rows) if len(p_rows) > 1 and mode_ is not Mode.UA_LIMIT else 0
+    prefix = SharedPrefix.build(model, p_rows[0][:n_pre]) if n_pre else None
+    n_pre = len(prefix) if prefix is not None else 0
     totals = {name: 0.0 for name in sets}
     count = 0
     dev = _device(model)
     pad = _pad_id(tokenizer, _eos_ids(model, tokenizer, str(getattr(prompt_format, "value", prompt_format))))
+    prefixes = {}
+    if prefix is not None:
+        for name, heads in sets.items():
+            with torch.no_grad(), ablate(model, heads, mode=mode_, eps=eps, mean=mean):
+                prefixes[name] = prefix.under(model, 0)
     bar = tqdm(total=len(seqs), desc="utility KL", disable=not progress)
     for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
+        chunk = [(s[n_pre:], n) for s, n in seqs[start:start + batch_size]]
         width = max(len(s) for s, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        mask = torch.zeros(len(chunk), n_pre + width, dtype=torch.long)
+        mask[:, :n_pre] = 1
         for i, (s, _) in enumerate(chunk):
             ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+            mask[i, n_pre + width - len(s):] = 1
         keep = max(n for _, n in chunk)
         sel = torch.zeros(len(chunk), keep, dtype=torch.bool)
         for i, (_, n) in enumerate(chunk):
             sel[i, keep - n:] = True
         ids, mask = ids.to(dev), mask.to(dev)
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
-                  "use_cache": False}
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)[:, n_pre:],
+                  "use_cache": prefix is not None}
         if _forward_style(model)[1]:
             inputs["logits_to_keep"] = keep
-        base = F.log_softmax(model(**inputs).logits[:, -keep:].double(), -1)[sel.to(dev)]
+
+        def past(p, rows=len(chunk)):
+            return {} if p is None else {cache_argument(model.forward): p.batch(rows)}
+
+        base = F.log_softmax(model(**inputs, **past(prefix)).logits[:, -keep:].double(), -1)[sel.to(dev)]
         count += int(sel.sum())
         for name, heads in sets.items():
             with ablate(model, heads, mode=mode_, eps=eps, mean=mean):
-                lp = F.log_softmax(model(**inputs).logits[:, -keep:].double(), -1)[sel.to(dev)]
+                lp = F.log_softmax(model(**inputs, **past(prefixes.get(name))).logits[:, -keep:].double(),
+                                   -1)[sel.to(dev)]
             totals[name] += float(F.kl_div(lp, base, log_target=True, reduction="sum"))
         bar.update(len(chunk))
     bar.close()

@@ -285,6 +285,20 @@ def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     return at_least_float32(out.logits[:, -1])
 
 
+def last_token_hidden_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             past: Any = None) -> torch.Tensor:
+    """One forward, both readouts at the last position: ``[batch, d_model + vocab]``, the final-norm
+    hidden state (as :func:`last_token_hidden`) then the logits (as :func:`last_token_logits`)."""
+    got: list[torch.Tensor] = []
+    handle = get_adapter(model).final_norm.register_forward_hook(lambda m, a, out: got.append(out[:, -1]))
+    try:
+        logits = last_token_logits(model, input_ids, attention_mask, past)
+    finally:
+        handle.remove()
+    hidden = at_least_float32(got[-1]).to(logits.device)
+    return torch.cat([hidden.to(logits.dtype), logits], -1)
+
+
 def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       past: Any = None) -> torch.Tensor:
     """Final hidden state after the final norm at the last position, ``[batch, d_model]``, float32

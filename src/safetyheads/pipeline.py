@@ -356,13 +356,14 @@ class Run:
         over the attribution prompts when it alone is ablated).
         ``disagreement.json``: the methods' heads side by side with KL-Ships, signed drop, Sahara angle,
         refusal-direction projection and attention on the first token (:mod:`safetyheads.disagreement`).
-        Both on the attribution prompts in the Ships stage's format; each written once. The signed drop and
-        KL-Ships of every head in either table come from one exact Ships sweep restricted to those heads
-        (KL and refusal read off the same ablated forward passes: one per head per prompt)."""
+        Both on the attribution prompts in the Ships stage's format; each written once. The signed drop,
+        KL-Ships and Sahara angle of every head in either table are read off one exact forward per head per
+        prompt batch (:func:`safetyheads.search.single_head_scores`: the final-norm state and the logits of
+        the same pass)."""
         if self.model is None:
             return
-        from .sahara import PRESETS, SaharaResult
-        from .ships import ships
+        from .sahara import PRESETS
+        from .search import single_head_scores
 
         c = self.cfg
         rt = self._refusal_tokens()
@@ -386,12 +387,14 @@ class Run:
                                           batch_size=c.batch_size)
             methods["refusal-dir"] = direction.top_heads(c.steps)
         union = sorted(set(cond_heads) | ({h for hs in methods.values() for h in hs} if need_table else set()))
-        sweep = ships(self.model, self.tokenizer, attr, heads=union, refusal_tokens=rt, batch_size=c.batch_size,
-                      progress=self.progress, mean=mean, **fmt)
-        kl_mean = sweep.mean("kl")
-        drop_mean = sweep.mean("refusal") if rt is not None else None
+        preset = PRESETS[c.sahara_preset]
+        objectives = (["refusal"] if rt is not None else []) + (["kl", "subspace"] if need_table else [])
+        scores = single_head_scores(self.model, self.tokenizer, attr, union, objectives=objectives, refusal_tokens=rt,
+                                    rank=preset["rank"], center=preset["center"], batch_size=c.batch_size,
+                                    progress=self.progress, mean=mean, **fmt)
+        drop = scores.get("refusal")
         if need_signed:
-            eff = {h: float(drop_mean[h]) for h in cond_heads}
+            eff = {h: drop[h] for h in cond_heads}
             _json(spath, {"meaning": "mean drop of the refusal log-odds over the attribution prompts when the head "
                                      "alone is ablated (> 0: the head holds refusal up; < 0: its ablation raises "
                                      "refusal)", **fmt, "refusal_tokens": rt, "n_prompts": len(attr),
@@ -400,18 +403,15 @@ class Run:
                                          for cond in conds if cond["heads"]},
                           "provenance": provenance(self.model, attr, prompt_format=str(fmt["prompt_format"]),
                                                    mode=c.mode, eps=c.eps, seed=c.seed,
-                                                   system_prompt=c.system_prompt, computed_by="exact Ships sweep")})
+                                                   system_prompt=c.system_prompt,
+                                                   computed_by="exact single-head ablations "
+                                                               "(safetyheads.search.single_head_scores)")})
         if not need_table:
             return
         from .disagreement import disagreement
 
-        sah = SaharaResult.load(self.out / "sahara.json")
-        same = c.stage_format("sahara") == c.stage_format("ships")
-        preset = PRESETS[c.sahara_preset]
-        d = disagreement(self.model, self.tokenizer, attr, methods, refusal_tokens=rt,
-                         kl_ships={h: float(kl_mean[h]) for h in union},
-                         refusal_drop=None if drop_mean is None else {h: float(drop_mean[h]) for h in union},
-                         sahara_angle=sah.steps[0].scores if same and sah.steps else None, rank=preset["rank"],
+        d = disagreement(self.model, self.tokenizer, attr, methods, refusal_tokens=rt, kl_ships=scores["kl"],
+                         refusal_drop=drop, sahara_angle=scores["subspace"], rank=preset["rank"],
                          center=preset["center"], direction=direction, batch_size=c.batch_size, mean=mean, **fmt)
         d.save(dpath)
 

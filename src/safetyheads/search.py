@@ -49,7 +49,14 @@ from tqdm.auto import tqdm
 from .ablation import Head, Mode, check_eps, check_mean, heads_to_strength, mean_digest
 from .ablation import ablate_strengths as _ablate
 from .adapters import get_adapter, validate_heads
-from .forward import SharedPrefix, captured_inputs, last_token_hidden, last_token_logits, reuse_residual
+from .forward import (
+    SharedPrefix,
+    captured_inputs,
+    last_token_hidden,
+    last_token_hidden_logits,
+    last_token_logits,
+    reuse_residual,
+)
 from .prompts import format_prompts, pad_left, prompt_token_ids
 from .provenance import atomic_write_text, model_record, prompts_digest, provenance
 from .shards import as_shard, candidate_cost
@@ -62,7 +69,8 @@ OBJECTIVES = ("subspace", "refusal", "kl")
 PREFILTERS = (None, "estimate", "exact-subset")
 DEFAULT_BATCH_SIZE = 32
 
-__all__ = ["OBJECTIVES", "SearchResult", "SearchStep", "head_scores", "search_heads", "signed_effects"]
+__all__ = ["OBJECTIVES", "SearchResult", "SearchStep", "head_scores", "search_heads", "signed_effects",
+           "single_head_scores"]
 
 
 # --------------------------------------------------------------------------- result
@@ -185,11 +193,15 @@ class SearchResult:
 # --------------------------------------------------------------------------- the readout
 
 
+_READ = {"hidden": last_token_hidden, "logits": last_token_logits, "both": last_token_hidden_logits}
+
+
 class _Residuals:
     """Last-token readout of the prompts under an ablation, with the residual stream cached per layer.
 
     ``readout="hidden"``: the final-norm hidden state (``[N, d]``); ``"logits"``: the next-token
-    logits (``[N, vocab]``); both at the last prompt position, as float64 stacks.
+    logits (``[N, vocab]``); ``"both"``: the two side by side (``[N, d + vocab]``, one forward); all
+    at the last prompt position, as float64 stacks.
 
     The cache holds the layer inputs of the model under the ablation ``self.under`` (at first none;
     :meth:`rebase` moves it to the heads already chosen). An ablation that adds heads to ``under``
@@ -205,13 +217,13 @@ class _Residuals:
 
     def __init__(self, model, tokenizer, texts: list[str], batch_size: int, reuse: bool,
                  readout: str = "hidden", mean: torch.Tensor | None = None, shared_prefix: bool = True) -> None:
-        if readout not in ("hidden", "logits"):
-            raise ValueError(f"readout must be 'hidden' or 'logits', got {readout!r}")
+        if readout not in _READ:
+            raise ValueError(f"readout must be one of {list(_READ)}, got {readout!r}")
         self.model = model
         self.mean = mean
         self.batch_size = batch_size
         self.reuse = reuse
-        self.read = last_token_hidden if readout == "hidden" else last_token_logits
+        self.read = _READ[readout]
         self.under: torch.Tensor | None = None
         rows = prompt_token_ids(tokenizer, texts)
         n_prefix = SharedPrefix.length(rows) if shared_prefix and len(rows) > 1 else 0
@@ -668,13 +680,13 @@ def _prefilter(model, tokenizer, prompts, cands, how, k, objective, rt, mode, ep
 # --------------------------------------------------------------------------- single heads
 
 
-def head_scores(
+def single_head_scores(
     model,
     tokenizer,
     prompts: Sequence[str],
     heads: Sequence[Head],
     *,
-    objective: str = "refusal",
+    objectives: Sequence[str] = ("kl", "refusal", "subspace"),
     refusal_tokens: Sequence[int] | None = None,
     rank: int = 1,
     center: bool = False,
@@ -686,31 +698,61 @@ def head_scores(
     batch_size: int | None = None,
     progress: bool = False,
     mean: torch.Tensor | None = None,
-) -> dict[Head, float]:
-    """Each head's exact score on ``objective`` when it alone is ablated (mean over ``prompts``).
+) -> dict[str, dict[Head, float]]:
+    """Each head's exact score on every one of ``objectives`` when it alone is ablated (mean over
+    ``prompts``): ``{objective: {head: score}}``, all read off the same forward passes.
 
-    The same readout and forward passes as a search's first step (one forward per head per
-    prompt batch, from the head's own layer), so the values equal the step-1 scores of
-    :func:`search_heads` with the same ``batch_size``. ``"refusal"``: the signed effect on refusal;
-    ``"kl"``: mean Ships (KL); ``"subspace"``: Sahara's single-head generalized Ships.
+    The same readout and forward passes as a search's first step (one forward per head per prompt
+    batch, from the head's own layer; the final-norm state and the logits of one pass when the
+    objectives need both), so the values equal the step-1 scores of :func:`search_heads` with the
+    same ``batch_size``. ``"refusal"``: the signed effect on refusal; ``"kl"``: mean Ships (KL);
+    ``"subspace"``: Sahara's single-head generalized Ships (``rank``, ``center``, ``space``).
     ``mean``: for ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
     """
     mode = Mode.parse(mode)
     eps = check_eps(mode, eps)
     mean = check_mean(model, mode, mean)
-    obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
+    objectives = list(dict.fromkeys(objectives))
+    if not objectives:
+        raise ValueError("no objectives given")
+    objs = {o: _objective(o, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space) for o in objectives}
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     heads = validate_heads(heads, get_adapter(model).geometry)
     bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
-    reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout, mean=mean,
-                      shared_prefix=mode is not Mode.UA_LIMIT)
-    obj.prepare(reps.base)
-    out: dict[Head, float] = {}
-    for h in tqdm(list(dict.fromkeys(heads)), desc=f"head scores ({objective})", disable=not progress):
-        out[h] = obj.score(reps.ablated(heads_to_strength(model, [[h]]), mode, eps))
+    readouts = {o.readout for o in objs.values()}
+    readout = readouts.pop() if len(readouts) == 1 else "both"
+    reps = _Residuals(model, tokenizer, texts, bs, True, readout, mean=mean, shared_prefix=mode is not Mode.UA_LIMIT)
+    vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width; the hidden state comes first
+
+    def part(stack: torch.Tensor, obj) -> torch.Tensor:
+        if readout != "both":
+            return stack
+        return stack[:, :-vocab] if obj.readout == "hidden" else stack[:, -vocab:]
+
+    for obj in objs.values():
+        obj.prepare(part(reps.base, obj))
+    out: dict[str, dict[Head, float]] = {o: {} for o in objs}
+    for h in tqdm(list(dict.fromkeys(heads)), desc=f"head scores ({', '.join(objs)})", disable=not progress):
+        stack = reps.ablated(heads_to_strength(model, [[h]]), mode, eps)
+        for o, obj in objs.items():
+            out[o][h] = obj.score(part(stack, obj))
     return out
+
+
+def head_scores(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    heads: Sequence[Head],
+    *,
+    objective: str = "refusal",
+    **kwargs: Any,
+) -> dict[Head, float]:
+    """Each head's exact score on ``objective`` when it alone is ablated (mean over ``prompts``): one
+    objective of :func:`single_head_scores` (same keyword arguments)."""
+    return single_head_scores(model, tokenizer, prompts, heads, objectives=(objective,), **kwargs)[objective]
 
 
 def signed_effects(
