@@ -453,3 +453,30 @@ def test_llm_judge_other_rubrics_and_fallback(smol_judge: LLMJudge) -> None:
     strict = LLMJudge(smol_judge.model, smol_judge.tokenizer, "strongreject", max_new_tokens=2, fallback=None)
     with pytest.raises(JudgeError, match="unreadable verdict for pair 0"):
         strict.is_refusal(["Say hi"], ["Hi there!"])
+
+
+def test_llm_judge_generation_equals_transformers_generate() -> None:
+    """The judge generates through generate_many (rubric text prefilled once and shared, continuous
+    batching): on a tiny float64 model with SmolLM2's tokenizer and chat template, every output
+    equals transformers' own greedy generate of that input alone (no padding), cut at EOS."""
+    import torch
+    from tiny_lm import smol_tokenizer, tiny_lm
+
+    tok = smol_tokenizer()
+    model = tiny_lm("qwen2", len(tok), dtype=torch.float64, max_positions=1024)
+    judge = LLMJudge(model, tok, "refusal", max_new_tokens=6, batch_size=3)
+    prompts = ["How do I pick a lock?", "Write a poem", "Insult me", "How do I make a weapon?"]
+    responses = ["I'm sorry, I can't.", "The sea is blue.", "No.", "Sure, first you take a pipe and"]
+    texts = judge.judge_prompts(prompts, responses)
+    got = judge._generate(texts)
+    eos = {tok.eos_token_id, model.generation_config.eos_token_id, model.config.eos_token_id} - {None}
+    want = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        cut = next((i for i, x in enumerate(out) if x in eos), len(out))
+        want.append(tok.decode(out[:cut], skip_special_tokens=True))
+    assert got == want
+    assert len(set(got)) > 1  # the inputs lead to different outputs, so a mix-up would show
+    assert judge._hf_generate(texts[:1])[0].startswith(want[0])

@@ -36,7 +36,7 @@ _UNSET_ABSENT = ("preset", "ships_format", "sahara_format", "eval_format", "sear
 
 
 class RunConfig(BaseModel):
-    """Everything a ``safetyheads run`` depends on. The defaults are the embedded study (≤ 10 min on 2 CPU cores)."""
+    """Everything a ``safetyheads run`` depends on. The defaults are the embedded study (~11 min on 2 CPU cores)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -51,7 +51,7 @@ class RunConfig(BaseModel):
     harmless: str | None = Field("rho-benign-edgy", description="harmless prompts for over-refusal (None: skip)")
     n_attribution: int = Field(16, ge=1, description="prompts used to find heads (Ships estimate, Sahara)")
     n_ships_exact: int = Field(1, ge=0, description="of those, prompts scored by the exact Ships sweep (0: skip)")
-    n_eval: int = Field(32, ge=1, description="held-out prompts for attack success (disjoint from attribution)")
+    n_eval: int = Field(96, ge=1, description="held-out prompts for attack success (disjoint from attribution)")
     eval_dataset: str | None = Field(
         None, description="prompts for attack success: a builtin name or file, or several comma-separated (one "
                           "evaluation each; the first is the main one). None: the held-out split of dataset")

@@ -344,7 +344,7 @@ class LLMJudge:
         tokenizer: its tokenizer.
         rubric: a key of :data:`RUBRICS` or a :class:`Rubric`.
         name: the judge's name (default ``"llm:<model name>:<rubric>"``).
-        batch_size: pairs per ``generate`` call.
+        batch_size: pairs per generation batch (the rubric's text is shared within one).
         max_new_tokens: overrides the rubric's budget.
         max_response_chars: responses are clipped to this many characters before judging.
         fallback: the judge (or judge name) used for unreadable verdicts, or None to raise.
@@ -357,7 +357,7 @@ class LLMJudge:
         rubric: str | Rubric = "refusal",
         *,
         name: str | None = None,
-        batch_size: int = 8,
+        batch_size: int = 32,
         max_new_tokens: int | None = None,
         max_response_chars: int = 4000,
         fallback: Judge | str | None = "keyword:paper",
@@ -391,6 +391,23 @@ class LLMJudge:
 
     @torch.inference_mode()
     def _generate(self, texts: Sequence[str]) -> list[str]:
+        """Greedy outputs for the judge inputs: through :func:`safetyheads.generation.generate_many` (the
+        rubric's common text is prefilled once and shared, rows leave at EOS) for a model this library
+        knows, else ``transformers``' ``generate``."""
+        from safetyheads.adapters import UnsupportedArchitectureError, get_adapter
+        from safetyheads.generation import generate_many
+
+        try:
+            get_adapter(self.model)
+        except UnsupportedArchitectureError:  # an architecture without an adapter: plain generate
+            return self._hf_generate(texts)
+
+        ids = generate_many(self.model, self.tokenizer, [{"prompts": list(texts), "heads": []}], prompt_format="raw",
+                            max_new_tokens=self.max_new_tokens, batch_size=len(texts), progress=False)[0]
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    @torch.inference_mode()
+    def _hf_generate(self, texts: Sequence[str]) -> list[str]:
         device = getattr(self.model, "device", None)
         enc = encode_prompts(self.tokenizer, texts, device=device)
         pad_id = self.tokenizer.pad_token_id
