@@ -195,27 +195,31 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(`refusal` + `refusal_extra`; off-topic labelled refusal there too). Refusal is the positive class: "
         "precision = of the answers called refusals, the share that are; recall = of the refusals, the share "
         "found. \"off-topic → refusal\" = share of off-topic answers the judge calls a refusal (higher is "
-        "better for ASR).",
+        "better for ASR). \"unreadable\": an LLM judge's outputs its rubric could not parse, on ours; those "
+        f"rows took `{REFERENCE}`'s verdict (the fallback a run uses), so a judge with most rows unreadable "
+        f"scores as `{REFERENCE}` and measures nothing of its own.",
         "",
         "| judge | ours acc | prec | rec | strict acc | prec | rec | off-topic → refusal | PyRIT acc | prec | rec "
-        "| s/row | default-run judging |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| unreadable | s/row | default-run judging |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: -r["ours"]["accuracy"]):
         o, s, p = r["ours"], r["ours_strict"], r["pyrit"]
         ot = o["by_label"].get("off-topic", {"n": 0, "judged_refusal": 0})
         spr = r.get("seconds_per_row")
+        unreadable = "—" if "unparsed" not in r else f"{r['unparsed'].get('ours', 0)}/{o['n']}"
         lines.append(
             f"| `{r['judge']}` | {_pct(o['accuracy'])} | {_pct(o['precision'])} | {_pct(o['recall'])} "
             f"| {_pct(s['accuracy'])} | {_pct(s['precision'])} | {_pct(s['recall'])} "
             f"| {ot['judged_refusal']}/{ot['n']} "
             + ("| — | — | — " if p is None else f"| {_pct(p['accuracy'])} | {_pct(p['precision'])} | {_pct(p['recall'])} ")
+            + f"| {unreadable} "
             + f"| {'—' if spr is None else f'{spr:.2f}'} "
             f"| {'< 1 s' if spr is None else f'{spr * DEFAULT_ROW_BUDGET / 60:.0f} min'} |"
         )
     lines += ["", f"Default-run judging = s/row × {DEFAULT_ROW_BUDGET} rows (~100 prompts × 8 conditions), at "
-              f"the s/row measured here (load average {meta['load_average']:.1f} on 2 cores: an idle machine is "
-              "several times faster).", ""]
+              f"the s/row measured here (the judge itself on both cores; load average {meta['load_average']:.1f} "
+              "when the run started).", ""]
     ref = next((r for r in results if r["judge"] == REFERENCE), None)
     if ref is not None:
         lines += [f"## Paired comparison with `{REFERENCE}` on ours (ASR view)", "",
