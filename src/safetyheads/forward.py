@@ -19,6 +19,9 @@ and accelerate's per-module ``forward`` wrappers are left in place.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -149,8 +152,6 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 def cache_argument(fn) -> str:
     """The name of ``fn``'s KV-cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
@@ -175,8 +176,6 @@ def plain_cache(cache: Any) -> bool:
 def cache_rows(cache: Any, rows: int | torch.Tensor) -> Any:
     """A new cache with ``rows`` rows of a plain ``cache``: a count (its one row expanded, no copy) or
     an index tensor; ``cache`` itself is untouched (a forward reassigns, never edits, a layer's tensors)."""
-    import copy
-
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
     for layer in new.layers:
@@ -210,8 +209,6 @@ class SharedPrefix:
     def length(rows: list[list[int]]) -> int:
         """How many leading tokens all ``rows`` share, at least one short of the shortest row (a prompt
         keeps a last token of its own, whose logits are read)."""
-        import os
-
         return len(os.path.commonprefix(rows)[: min(len(r) for r in rows) - 1]) if rows else 0
 
     @classmethod
@@ -224,8 +221,6 @@ class SharedPrefix:
 
     @staticmethod
     def _run(model: nn.Module, x: torch.Tensor, prefix: SharedPrefix | None, low: int) -> tuple[list, Any]:
-        import copy
-
         mask = torch.ones_like(x)
         # reuse_residual's hook first: the capture at layer ``low`` must see the input it put there
         with torch.no_grad(), reuse_residual(model, low, None if prefix is None else prefix.inputs[low]), \

@@ -35,7 +35,6 @@ reuses every row found there, so a long evaluation interrupted mid-way loses at 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -51,7 +50,14 @@ from tqdm.auto import tqdm
 
 from .ablation import Head, Mode, ablate_strengths, check_eps, check_mean, heads_to_strength, mean_digest
 from .adapters import get_adapter, validate_heads
-from .forward import input_device, position_ids_from_mask
+from .forward import (
+    cache_argument,
+    cache_rows,
+    input_device,
+    output_cache,
+    plain_cache,
+    position_ids_from_mask,
+)
 from .prompts import format_prompts, pad_left, prompt_token_ids
 
 __all__ = ["EvaluationError", "GENERATION_VERSION", "StopRule", "generate", "generate_and_score", "generate_ids",
@@ -154,13 +160,7 @@ def _forward_style(model) -> tuple[str, dict[str, Any]]:
     import inspect
 
     params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), (
-        {"logits_to_keep": 1} if "logits_to_keep" in params else {})
-
-
-def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
+    return cache_argument(model.forward), ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
 
 
 def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k: int, temperature: float) -> torch.Tensor:
@@ -176,12 +176,7 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k:
 def _refillable(cache: Any) -> bool:
     """Whether rows can join a running batch: every layer of the KV cache is a plain growing
     ``DynamicLayer`` (sliding-window, static, quantized or legacy caches decode in fixed batches)."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # pragma: no cover - transformers without per-layer caches
-        return False
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    return plain_cache(cache)
 
 
 def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -306,14 +301,14 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
                 for r, sc in zip(rows, scored):
                     out[r], first[r] = [], sc
                 tokens, keep, done = advance(rows, logits)
-                new = _Batch(rows, _cache_of(o), torch.cat([mask, mask.new_ones(len(rows), 1)], 1),
+                new = _Batch(rows, output_cache(o), torch.cat([mask, mask.new_ones(len(rows), 1)], 1),
                              pos[:, -1:] + 1, tokens[:, None])
             else:
                 assert running is not None
                 ab.strength = strength[running.rows]
                 o = model(input_ids=running.tokens, attention_mask=running.mask, position_ids=running.pos,
                           use_cache=True, **{cache_arg: running.cache}, **extra)
-                running.cache = _cache_of(o)
+                running.cache = output_cache(o)
                 tokens, keep, done = advance(running.rows, o.logits[:, -1])
                 running.mask = torch.cat([running.mask, running.mask.new_ones(len(running.rows), 1)], 1)
                 running.pos, running.tokens = running.pos + 1, tokens[:, None]
@@ -337,13 +332,7 @@ class _SharedPrefix:
         self.cache, self.inverse = cache, inverse
 
     def rows(self, rows: list[int]) -> Any:
-        idx = self.inverse[rows]
-        new = copy.copy(self.cache)
-        new.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in new.layers:  # fresh tensors: the forward appends to them, the template stays as it is
-            i = idx.to(layer.keys.device)  # layers of a split model live on their own devices
-            layer.keys, layer.values = layer.keys[i], layer.values[i]
-        return new
+        return cache_rows(self.cache, self.inverse[rows])
 
 
 def _prefix_cache(model, ab, strength: torch.Tensor, prefix: Sequence[int], batch_size: int, cache_arg: str,
@@ -361,8 +350,8 @@ def _prefix_cache(model, ab, strength: torch.Tensor, prefix: Sequence[int], batc
         ones = torch.ones_like(x)
         o = model(input_ids=x, attention_mask=ones, position_ids=position_ids_from_mask(ones), use_cache=True,
                   **{cache_arg: None}, **extra)
-        cache = _cache_of(o)
-        if not _refillable(cache):
+        cache = output_cache(o)
+        if not plain_cache(cache):
             return None
         caches.append(cache)
     template = caches[0]
