@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +50,9 @@ from tqdm.auto import tqdm
 from .ablation import Head, Mode, ablate_strengths, check_eps, check_mean, heads_to_strength, mean_digest
 from .adapters import get_adapter, validate_heads
 from .forward import (
+    SharedPrefix,
     cache_argument,
     cache_rows,
-    input_device,
     output_cache,
     plain_cache,
     position_ids_from_mask,
@@ -173,12 +172,6 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, top_k:
     return idx.gather(1, picks.to(idx.device))[:, 0]
 
 
-def _refillable(cache: Any) -> bool:
-    """Whether rows can join a running batch: every layer of the KV cache is a plain growing
-    ``DynamicLayer`` (sliding-window, static, quantized or legacy caches decode in fixed batches)."""
-    return plain_cache(cache)
-
-
 def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """``x`` with zeros prepended along ``dim`` up to ``length``."""
     extra = length - x.shape[dim]
@@ -207,7 +200,7 @@ class _Batch:
         self.mask, self.pos, self.tokens = self.mask[sel], self.pos[sel], self.tokens[sel]
         self.rows = [self.rows[b] for b in keep]
         lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
-        if lead and _refillable(self.cache):
+        if lead and plain_cache(self.cache):
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
             self.mask = self.mask[:, lead:]
@@ -277,10 +270,10 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
         return tokens, keep, done
 
     with ablate_strengths(model, strength, mode=mode, eps=eps, mean=mean) as ab:
-        shared = _prefix_cache(model, ab, strength, prefix, batch_size, cache_arg, extra) if prefix and n else None
+        shared = _prefix_cache(model, ab, strength, prefix, batch_size) if prefix and n else None
         while waiting < n or running is not None:
             free = batch_size - (len(running.rows) if running else 0)
-            if waiting < n and (running is None or (continuous and free >= refill_at and _refillable(running.cache))):
+            if waiting < n and (running is None or (continuous and free >= refill_at and plain_cache(running.cache))):
                 rows = list(range(waiting, min(n, waiting + free)))
                 waiting = rows[-1] + 1
                 ab.strength = strength[rows]
@@ -335,25 +328,19 @@ class _SharedPrefix:
         return cache_rows(self.cache, self.inverse[rows])
 
 
-def _prefix_cache(model, ab, strength: torch.Tensor, prefix: Sequence[int], batch_size: int, cache_arg: str,
-                  extra: dict[str, Any]) -> _SharedPrefix | None:
+def _prefix_cache(model, ab, strength: torch.Tensor, prefix: Sequence[int], batch_size: int) -> _SharedPrefix | None:
     """The prefix's cache under each distinct ablation of ``strength``, ``batch_size`` at a time; None
     when the cache is not made of plain dynamic layers (then prompts are prefilled whole)."""
+    ab.strength = strength.new_zeros(1, *strength.shape[1:])  # unablated (a zero strength leaves every head as is)
+    base = SharedPrefix.build(model, prefix)
+    if base is None:
+        return None
     distinct, inverse = torch.unique(strength.flatten(1), dim=0, return_inverse=True)
     distinct = distinct.view(-1, *strength.shape[1:])
-    ids = torch.tensor([list(prefix)], dtype=torch.long, device=input_device(model))
     caches = []
     for b0 in range(0, len(distinct), batch_size):
-        chunk = distinct[b0:b0 + batch_size]
-        ab.strength = chunk
-        x = ids.expand(len(chunk), -1)
-        ones = torch.ones_like(x)
-        o = model(input_ids=x, attention_mask=ones, position_ids=position_ids_from_mask(ones), use_cache=True,
-                  **{cache_arg: None}, **extra)
-        cache = output_cache(o)
-        if not plain_cache(cache):
-            return None
-        caches.append(cache)
+        ab.strength = distinct[b0:b0 + batch_size]
+        caches.append(base.under(model, 0, len(ab.strength)).cache)
     template = caches[0]
     if len(caches) > 1:
         for i, layer in enumerate(template.layers):
@@ -590,7 +577,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + rows[r][1]) for r in todo] if sampling else None
 
     # the token ids every prompt starts with, at least one token short of the shortest prompt
-    prefix = os.path.commonprefix(ids)[: min(lengths) - 1] if shared_prefix and lengths else []
+    prefix = ids[0][:SharedPrefix.length(ids)] if shared_prefix and ids else []
 
     def encode(batch: list[int], start: int) -> dict[str, torch.Tensor]:
         return pad_left(tokenizer, [ids[rows[todo[b]][2]][start:] for b in batch], device=dev)
