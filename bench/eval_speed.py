@@ -6,8 +6,9 @@ shared batches (``generate_many``), in one run, on the same prompts and heads.
 once, rows sorted by prompt length, ``--after-batch-sizes`` rows per batch (each row ablating its
 own heads; rows leave the batch at EOS; ``--stop-batch-sizes``: also at the judge's verdict;
 ``--continuous-batch-sizes``: and waiting rows join the running batch; ``--prefix-batch-sizes``: and the
-chat template's common prefix is prefilled once per condition, its KV cache shared). Every pass but the
-last kind prefills whole prompts (``shared_prefix=False``). All greedy, the same ``--max-new-tokens``. Reported:
+chat template's common prefix is prefilled once per condition, its KV cache shared; ``--lower-batch-sizes``:
+and each prompt's layers below a row's lowest ablated head are prefilled once, unablated, for all its rows).
+Every pass but the last two kinds prefills whole prompts (``shared_prefix=False``). All greedy, the same ``--max-new-tokens``. Reported:
 generated tokens per wall second and per CPU second of this process (on a shared machine the CPU
 seconds are the steadier measure), the ratio after/before, the 1-minute load average before and
 after each pass, and how many responses are token-identical between the paths (float32: batch
@@ -59,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "batching (waiting rows join the batch as rows finish); the other passes use fixed batches")
     p.add_argument("--prefix-batch-sizes", default="",
                    help="comma-separated row batch sizes for continuous generate_many with stop_at_verdict and the "
-                        "shared prefix KV cache")
+                        "shared prefix KV cache (every layer prefilled per row)")
+    p.add_argument("--lower-batch-sizes", default="",
+                   help="comma-separated row batch sizes for the prefix passes' path plus the prefill of each "
+                        "prompt's layers below a row's lowest ablated head once per prompt (reuse_lower)")
     p.add_argument("--judge", default="keyword:paper", help="the keyword judge of the stop rule and the verdicts")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown report here (and .json beside it)")
@@ -68,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.stop_batch_sizes = [int(x) for x in a.stop_batch_sizes.split(",") if x.strip()]
     a.continuous_batch_sizes = [int(x) for x in a.continuous_batch_sizes.split(",") if x.strip()]
     a.prefix_batch_sizes = [int(x) for x in a.prefix_batch_sizes.split(",") if x.strip()]
+    a.lower_batch_sizes = [int(x) for x in a.lower_batch_sizes.split(",") if x.strip()]
     a.heads = [tuple(int(v) for v in h.split(".")) for h in a.heads.split(",") if h.strip()]
     return a
 
@@ -120,21 +125,23 @@ def main(argv: list[str] | None = None) -> None:
                      "same_verdicts": None})
         print(json.dumps(runs[-1]), flush=True)  # each pass as soon as it is done (a long run may be cut)
     stop = StopRule(f"{judge.name}: refusal phrase", judge.refusal_settled)
-    passes = ([(bs, False, False, False) for bs in a.after_batch_sizes]
-              + [(bs, True, False, False) for bs in a.stop_batch_sizes]
-              + [(bs, True, True, False) for bs in a.continuous_batch_sizes]
-              + [(bs, True, True, True) for bs in a.prefix_batch_sizes])
-    for bs, stopping, continuous, shared in passes:
+    passes = ([(bs, False, False, False, False) for bs in a.after_batch_sizes]
+              + [(bs, True, False, False, False) for bs in a.stop_batch_sizes]
+              + [(bs, True, True, False, False) for bs in a.continuous_batch_sizes]
+              + [(bs, True, True, True, False) for bs in a.prefix_batch_sizes]
+              + [(bs, True, True, True, True) for bs in a.lower_batch_sizes])
+    for bs, stopping, continuous, shared, lower in passes:
         jobs = [{"prompts": prompts, "heads": h, "stop": stop if stopping else None} for _, h in conds]
-        got, wall, cpu, l0, l1 = timed(lambda bs=bs, jobs=jobs, c=continuous, sp=shared: generate_many(
-            model, tok, jobs, batch_size=bs, continuous=c, shared_prefix=sp, **kw))
+        got, wall, cpu, l0, l1 = timed(lambda bs=bs, jobs=jobs, c=continuous, sp=shared, lo=lower: generate_many(
+            model, tok, jobs, batch_size=bs, continuous=c, shared_prefix=sp, reuse_lower=lo, **kw))
         if ref is None:  # no before pass: the first pass is the reference
             ref, want, ref_stopping = got, verdicts(got), stopping
         same = sum(x == y for rows_a, rows_b in zip(got, ref) for x, y in zip(rows_a, rows_b))
         agree = sum(x == y for va, vb in zip(verdicts(got), want) for x, y in zip(va, vb))
         runs.append({"path": f"after: all conditions in shared batches, {'continuous' if continuous else 'fixed'} "
                              f"batch of {bs} rows" + (f", stop at verdict ({judge.name})" if stopping else "")
-                             + (", shared prefix KV" if shared else ""),
+                             + (", shared prefix KV" if shared else "")
+                             + (", layers below the lowest ablated head prefilled once per prompt" if lower else ""),
                      "tokens": sum(len(t) for rows in got for t in rows), "wall_s": wall, "cpu_s": cpu,
                      "load_before": l0, "load_after": l1,
                      "identical": same if stopping == ref_stopping else None, "same_verdicts": agree})

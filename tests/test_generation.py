@@ -130,6 +130,41 @@ def test_shared_prefix_cache_equals_whole_prompts(tok, arch, monkeypatch):
     assert prefixes and min(prefixes) > 5  # the system block and more was shared
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
+def test_prefill_from_lowest_ablated_layer_equals_full_prefill(tok, arch, monkeypatch):
+    """With the shared prefix, a prefill group runs the layers below each row's lowest ablated head
+    once per distinct prompt, unablated, and every row only from that layer up (its cache below it
+    copied from the unablated pass). Rows ablating layer 0, 1, 2 and nothing, mixed in one batch and
+    joining running batches: tokens must equal full prefills and first-position refusal scores match
+    to float64 rounding, on every architecture (gemma3's sliding-window cache has no shared prefix,
+    so nothing is skipped there)."""
+    model = tiny_lm(arch, len(tok), dtype=torch.float64, max_positions=256)
+    jobs = _jobs(PROMPTS) + [{"prompts": PROMPTS, "heads": [(2, 1)]}]
+    tokens = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("I", "Sorry", "As")})
+    skipped = []
+    real = gen._prefill_from_lowest
+    monkeypatch.setattr(gen, "_prefill_from_lowest",
+                        lambda *a: (lambda r: skipped.append(r is not None) or r)(real(*a)))
+    full = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8, batch_size=64,
+                              progress=False, reuse_lower=False)
+    assert not skipped
+    for batch_size in (4, 64):
+        ids, scores = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
+                                         batch_size=batch_size, progress=False)
+        assert ids == full[0], batch_size
+        for got, want in zip(scores, full[1]):
+            assert [p for p, _ in got] == pytest.approx([p for p, _ in want], rel=1e-10, abs=1e-15)
+            assert [lo for _, lo in got] == pytest.approx([lo for _, lo in want], rel=1e-10, abs=1e-12)
+    assert any(skipped) == (arch != "gemma3")
+
+
+def test_lowest_layers():
+    s = torch.zeros(3, 4, 2)
+    s[0, 2, 1] = s[0, 3, 0] = 1.0
+    s[2, 0, 0] = 0.5
+    assert gen._lowest_layers(s).tolist() == [2, 4, 0]
+
+
 def test_sampling_in_shared_batches_equals_alone(tok, model64):
     jobs = _jobs(PROMPTS[:3])
     kw = dict(sampling=True, top_k=5, temperature=1.3, seed=11, max_new_tokens=6)

@@ -96,3 +96,30 @@ def test_exact_sweep_with_shared_prefix_equals_naive_loop(tok, arch, monkeypatch
         _close(got.kl, ref.kl)
         _close(got.refusal, ref.refusal)
     assert (not shared) == (arch == "gemma3") and all(n > 5 for n in shared)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_lower_layers_runs_only_the_layers_below(tok, arch):
+    """``forward.lower_layers``: the residual entering layers 0…stop equals a full forward's, and a cache
+    passed in receives keys and values in the layers below ``stop`` only, equal to the full forward's."""
+    from safetyheads.forward import cache_argument, captured_inputs, lower_layers, output_cache
+
+    model = tiny_lm(arch, len(tok), dtype=F64, max_positions=256)
+    ids = torch.tensor([tok.encode(PROMPTS[0])])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), captured_inputs(model) as full_inputs:
+        full = output_cache(model.base_model(input_ids=ids, attention_mask=mask, use_cache=True))
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        got = lower_layers(model, 2, input_ids=ids, attention_mask=mask, use_cache=True,
+                           **{cache_argument(model.base_model.forward): cache})
+    assert len(got) == 3
+    for a, b in zip(got, full_inputs[:3]):
+        _close(a, b)
+    _close(cache.layers[1].keys, full.layers[1].keys)
+    _close(cache.layers[0].values, full.layers[0].values)
+    assert not cache.layers[2].is_initialized  # layer 2 never ran
+    with pytest.raises(ValueError, match="stop must be in"):
+        lower_layers(model, 0, input_ids=ids)

@@ -4,6 +4,7 @@
   also for absolute-position models like GPT-2).
 * :func:`reuse_residual` — skip the layers below ``start`` and feed a cached residual stream
   instead: an ablation in layer ``l`` cannot change layers ``< l``.
+* :func:`lower_layers` — run only the layers below one layer (the residual entering it, their KV cache).
 * :func:`last_token_logits` / :func:`last_token_hidden` — logits (``logits_to_keep=1``) or the
   final-norm hidden state at the last prompt position only, optionally after a cached prefix.
 * :class:`SharedPrefix` — the token prefix every prompt of a set starts with (a chat template's
@@ -135,6 +136,35 @@ def captured_inputs(model: nn.Module) -> Iterator[list[torch.Tensor | None]]:
     finally:
         for h in handles:
             h.remove()
+
+
+class _LayersDone(Exception):
+    """Raised at the layer where :func:`lower_layers` stops."""
+
+
+def lower_layers(model: nn.Module, stop: int, **inputs: Any) -> list[torch.Tensor]:
+    """Run only layers ``0 … stop-1`` of ``model`` (under whatever ablation is active) on ``inputs`` (the
+    keyword arguments of a forward, a KV cache included); returns the residual stream entering layers
+    ``0 … stop``. A cache passed in ``inputs`` receives these tokens' keys and values in layers below
+    ``stop`` only. Nothing above is computed: no later layer, no final norm, no unembedding."""
+    layers = get_adapter(model).layers
+    if not 0 < stop < len(layers):
+        raise ValueError(f"stop must be in 1..{len(layers) - 1}, got {stop}")
+
+    def halt(module, args, kwargs):
+        raise _LayersDone
+
+    with captured_inputs(model) as captured:
+        handle = layers[stop].register_forward_pre_hook(halt, with_kwargs=True)  # after the capture's hook
+        try:
+            model.base_model(**inputs)
+        except _LayersDone:
+            pass
+        else:  # pragma: no cover - a model whose forward skips its layers' pre-hooks
+            raise RuntimeError(f"{type(model).__name__}: layer {stop} was never reached")
+        finally:
+            handle.remove()
+    return captured[: stop + 1]  # type: ignore[return-value]
 
 
 def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -53,9 +53,11 @@ from .forward import (
     SharedPrefix,
     cache_argument,
     cache_rows,
+    lower_layers,
     output_cache,
     plain_cache,
     position_ids_from_mask,
+    reuse_residual,
 )
 from .prompts import format_prompts, pad_left, prompt_token_ids
 
@@ -223,7 +225,7 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
                    top_k: int, temperature: float, batch_size: int, score_idx: torch.Tensor | None = None,
                    mean: torch.Tensor | None = None,
                    stops: Sequence[Callable[[list[int]], bool] | None] | None = None, continuous: bool = True,
-                   prefix: Sequence[int] = (),
+                   prefix: Sequence[int] = (), reuse_lower: bool = True,
                    ) -> Iterator[list[tuple[int, list[int], tuple[float, float] | None]]]:
     """Greedy / sampled decoding of rows ``0 … n-1`` (entering in that order) with a KV cache, at
     most ``batch_size`` rows at a time; yields ``(row, new token ids, first-position scores)`` for the
@@ -245,6 +247,10 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
     rest of the prompt (``encode(rows, len(prefix))``), laid out ``[prefix | padding | rest]`` with
     positions that skip the padding — the same attention and positions as the whole prompt. Caches
     other than plain dynamic layers prefill whole prompts (``encode(rows, 0)``).
+
+    ``reuse_lower`` (with a shared prefix): an ablation cannot change the layers below a row's lowest
+    ablated head, so a prefill group runs those layers once per distinct prompt, unablated, and each
+    row runs only from its lowest ablated layer up (:func:`_prefill_from_lowest`).
     """
     n = strength.shape[0]
     cache_arg, extra = _forward_style(model)
@@ -269,6 +275,8 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
             done.append(r)
         return tokens, keep, done
 
+    # each row's lowest ablated layer (n_layers: none), for prefills that share the layers below it
+    lows = _lowest_layers(strength) if reuse_lower else None
     with ablate_strengths(model, strength, mode=mode, eps=eps, mean=mean) as ab:
         shared = _prefix_cache(model, ab, strength, prefix, batch_size) if prefix and n else None
         while waiting < n or running is not None:
@@ -287,14 +295,22 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
                     mask = torch.cat([enc["attention_mask"].new_ones(len(rows), len(prefix)),
                                       enc["attention_mask"]], 1)
                     pos = position_ids_from_mask(mask)[:, len(prefix):]
-                o = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True,
-                          **{cache_arg: past}, **extra)
-                logits = o.logits[:, -1]
+                split = None
+                if shared is not None and lows is not None:
+                    split = _prefill_from_lowest(model, ab, strength, rows, lows, enc["input_ids"], mask, pos, shared,
+                                                 cache_arg, extra)
+                if split is None:
+                    o = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True,
+                              **{cache_arg: past}, **extra)
+                    logits, prefill_cache = o.logits[:, -1], output_cache(o)
+                else:
+                    order, logits, prefill_cache = split
+                    rows, mask, pos = [rows[b] for b in order], mask[order], pos[order]
                 scored = [None] * len(rows) if score_idx is None else _first_scores(logits, score_idx)
                 for r, sc in zip(rows, scored):
                     out[r], first[r] = [], sc
                 tokens, keep, done = advance(rows, logits)
-                new = _Batch(rows, output_cache(o), torch.cat([mask, mask.new_ones(len(rows), 1)], 1),
+                new = _Batch(rows, prefill_cache, torch.cat([mask, mask.new_ones(len(rows), 1)], 1),
                              pos[:, -1:] + 1, tokens[:, None])
             else:
                 assert running is not None
@@ -317,12 +333,70 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
                     running.extend(new)
 
 
+def _lowest_layers(strength: torch.Tensor) -> torch.Tensor:
+    """Each row's lowest layer with a nonzero strength; the number of layers for a row that ablates nothing."""
+    touched = (strength != 0).any(-1)  # [rows, layers]
+    first = touched.to(torch.uint8).argmax(1)
+    return torch.where(touched.any(1), first, torch.full_like(first, strength.shape[1]))
+
+
+def _prefill_from_lowest(model, ab, strength: torch.Tensor, rows: list[int], lows: torch.Tensor, ids: torch.Tensor,
+                         mask: torch.Tensor, pos: torch.Tensor, shared: _SharedPrefix, cache_arg: str,
+                         extra: dict[str, Any]) -> tuple[list[int], torch.Tensor, Any] | None:
+    """The prefill of ``rows`` (prompt rest ``ids`` after the shared prefix) in groups that skip the
+    layers their ablation cannot change.
+
+    An ablation touching no layer below ``l`` leaves layers ``0 … l-1`` as they are, so one unablated
+    pass over the group's distinct prompts runs those layers up to the highest such ``l`` (no later
+    layer, no unembedding); then each group of rows with the same lowest ablated layer ``l`` runs from
+    ``l`` on that pass's residual, and its KV cache below ``l`` is that pass's. Unablated rows go on
+    from the highest ``l``. The same logits and caches as one whole prefill (exactly so in float64).
+
+    Returns ``(order, logits, cache)``: ``order`` the batch positions in the order of the rows of
+    ``logits`` (last position) and ``cache``; None when no row has anything to skip."""
+    n_layers = strength.shape[1]
+    low = lows[rows].tolist()
+    top = max((x for x in low if x < n_layers), default=0)
+    if top == 0:
+        return None
+    low = [top if x == n_layers else x for x in low]
+    uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)  # same padded tokens: same prompt, same mask
+    first = torch.full((len(uniq),), len(rows), dtype=torch.long).scatter_reduce(
+        0, inverse.cpu(), torch.arange(len(rows)), reduce="amin")
+    ab.strength = strength.new_zeros(len(uniq), *strength.shape[1:])
+    below = shared.base.batch(len(uniq))  # receives the distinct prompts' keys and values below ``top``
+    inputs = lower_layers(model, top, input_ids=uniq, attention_mask=mask[first], position_ids=pos[first],
+                          use_cache=True, **{cache_argument(model.base_model.forward): below})
+    order: list[int] = []
+    logits, caches = [], []
+    for start in sorted(set(low)):
+        sel = [b for b, x in enumerate(low) if x == start]
+        group = [rows[b] for b in sel]
+        idx = inverse[sel]
+        ab.strength = strength[group]
+        with reuse_residual(model, start, inputs[start][idx.to(inputs[start].device)]):
+            o = model(input_ids=ids[sel], attention_mask=mask[sel], position_ids=pos[sel], use_cache=True,
+                      **{cache_arg: shared.rows(group)}, **extra)
+        cache = output_cache(o)
+        for layer, src in zip(cache.layers[:start], below.layers[:start]):  # skipped: the unablated pass's
+            i = idx.to(src.keys.device)
+            layer.keys, layer.values = src.keys[i], src.values[i]
+        order += sel
+        logits.append(o.logits[:, -1])
+        caches.append(cache)
+    merged = caches[0]
+    for i, layer in enumerate(merged.layers):
+        layer.keys = torch.cat([c.layers[i].keys for c in caches])
+        layer.values = torch.cat([c.layers[i].values for c in caches])
+    return order, torch.cat(logits), merged
+
+
 class _SharedPrefix:
     """The KV cache of the common prompt prefix, one row per distinct ablation (``inverse[i]``: row
-    ``i``'s), from which each prefill group's cache is assembled."""
+    ``i``'s), from which each prefill group's cache is assembled; ``base``: the prefix unablated."""
 
-    def __init__(self, cache: Any, inverse: torch.Tensor) -> None:
-        self.cache, self.inverse = cache, inverse
+    def __init__(self, cache: Any, inverse: torch.Tensor, base: SharedPrefix) -> None:
+        self.cache, self.inverse, self.base = cache, inverse, base
 
     def rows(self, rows: list[int]) -> Any:
         return cache_rows(self.cache, self.inverse[rows])
@@ -346,7 +420,7 @@ def _prefix_cache(model, ab, strength: torch.Tensor, prefix: Sequence[int], batc
         for i, layer in enumerate(template.layers):
             layer.keys = torch.cat([c.layers[i].keys for c in caches])
             layer.values = torch.cat([c.layers[i].values for c in caches])
-    return _SharedPrefix(template, inverse.cpu())
+    return _SharedPrefix(template, inverse.cpu(), base)
 
 
 def _job_rows(model, job: Mapping[str, Any], index: int) -> tuple[list[str], list[list[Head]]]:
@@ -439,6 +513,7 @@ def generate_many(
     mean: torch.Tensor | None = None,
     continuous: bool = True,
     shared_prefix: bool = True,
+    reuse_lower: bool = True,
 ) -> list[list[list[int]]]:
     """Generate for several jobs at once, in shared batches; returns ``out[job][prompt]`` token ids.
 
@@ -460,6 +535,9 @@ def generate_many(
         shared_prefix: the token ids all prompts start with (a chat template's system block) are
             prefilled once per distinct head set and their KV cache copied into each row's (default);
             False: every row prefills its whole prompt (same tokens in float64).
+        reuse_lower: with the shared prefix, a prompt's layers below a row's lowest ablated head
+            are prefilled once per prompt, unablated, for all its rows (default); False: every row
+            prefills every layer (same tokens in float64).
         Others: as in :func:`generate`.
 
     Returns:
@@ -469,7 +547,7 @@ def generate_many(
                      system_prompt=system_prompt, max_new_tokens=max_new_tokens, sampling=sampling, top_k=top_k,
                      temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
                      checkpoint=checkpoint, desc=desc, refusal_tokens=None, mean=mean, continuous=continuous,
-                     shared_prefix=shared_prefix)[0]
+                     shared_prefix=shared_prefix, reuse_lower=reuse_lower)[0]
 
 
 def generate_and_score(
@@ -499,7 +577,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
               sampling: bool = False, top_k: int = 5, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
               progress: bool = True, checkpoint: str | Path | None = None, desc: str | None = None,
               refusal_tokens: list[int] | None = None, mean: torch.Tensor | None = None, continuous: bool = True,
-              shared_prefix: bool = True) -> tuple[list[list[list[int]]], list[list[Any]]]:
+              shared_prefix: bool = True, reuse_lower: bool = True) -> tuple[list[list[list[int]]], list[list[Any]]]:
     if isinstance(jobs, Mapping):
         raise TypeError("jobs must be a sequence of job dicts, not one dict")
     jobs = list(jobs)
@@ -585,7 +663,7 @@ def _generate(model, tokenizer, jobs: Sequence[Mapping[str, Any]], *, mode: Mode
     stream = _decode_stream(model, encode, strength, mode_, eps, max_new_tokens, eos, gens, top_k, temperature,
                             batch_size, score_idx=score_idx, mean=mean,
                             stops=[row_stops[r] for r in todo] if any(stops) else None, continuous=continuous,
-                            prefix=prefix)
+                            prefix=prefix, reuse_lower=reuse_lower)
     with tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc or "generate", disable=not progress) as bar:
         for finished in stream:
             for b, toks, first in finished:
