@@ -227,6 +227,21 @@ def test_estimate_padding_invariant(tok, rt, arch, mode):
         assert_refusal_close(batched, alone)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fisher_with_refusal_tokens_fills_the_refusal_gradient_from_the_same_pass(tok, rt, arch):
+    """``estimator="fisher"`` given refusal tokens also fills ``refusal`` from the same forward pass:
+    equal (float64, 1e-12 relative) to a separate ``"refusal-grad"`` run, and its KL equal to a
+    Fisher run without refusal tokens."""
+    model = tiny_lm(arch, len(tok), dtype=F64)
+    both = ships_estimate(model, tok, PROMPTS, estimator="fisher", refusal_tokens=rt, batch_size=2, progress=False)
+    grad = ships_estimate(model, tok, PROMPTS, estimator="refusal-grad", refusal_tokens=rt, batch_size=2,
+                          progress=False)
+    fisher = ships_estimate(model, tok, PROMPTS, estimator="fisher", batch_size=2, progress=False)
+    assert fisher.refusal is None and not torch.isnan(both.refusal).any()
+    torch.testing.assert_close(both.refusal, grad.refusal, rtol=1e-12, atol=1e-12 * float(grad.refusal.abs().max()))
+    torch.testing.assert_close(both.kl, fisher.kl, rtol=1e-12, atol=1e-12 * float(fisher.kl.abs().max()))
+
+
 # --------------------------------------------------------------------------- estimators
 
 #: exact float64 scores of the tiny models on PROMPTS (with refusal scores), computed once per

@@ -265,11 +265,10 @@ class Run:
         common = dict(mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"), system_prompt=c.system_prompt,
                       progress=self.progress, mean=self._head_means())
         if not (self.out / "ships_estimate.json").exists():
-            est = ships_estimate(self.model, self.tokenizer, P, estimator="fisher", batch_size=min(8, c.batch_size), **common)
+            # Fisher (KL) and, when the model refuses, the refusal gradient from the same forward passes
+            est = ships_estimate(self.model, self.tokenizer, P, estimator="fisher", refusal_tokens=rt,
+                                 batch_size=min(8, c.batch_size), **common)
             if rt is not None:
-                est.refusal = ships_estimate(self.model, self.tokenizer, P, estimator="refusal-grad", refusal_tokens=rt,
-                                             batch_size=min(8, c.batch_size), **common).refusal
-                est.provenance["refusal_tokens"] = rt
                 est.provenance["refusal_estimator"] = "refusal-grad"
             est.save(self.out / "ships_estimate")
         if c.n_ships_exact and not (self.out / "ships.json").exists():

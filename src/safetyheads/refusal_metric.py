@@ -37,11 +37,12 @@ from .adapters import get_adapter, validate_heads
 from .forward import input_device, position_ids_from_mask
 from .generation import (
     EvaluationError,
+    StopRule,
     _check_prompts,
     _first_scores,
     _forward_style,
     _normalise_rows,
-    generate_ids,
+    generate_many,
 )
 from .prompts import encode_prompts, format_prompts
 
@@ -315,7 +316,8 @@ def derive_refusal_tokens(
     """Tokens that start the model's own refusals, from its greedy unablated answers to ``prompts``.
 
     The first generated token of every response the judge calls a refusal, minus tokens that
-    start at least as many compliant responses (:func:`refusal_tokens_from`). For
+    start at least as many compliant responses (:func:`refusal_tokens_from`). A keyword judge's
+    refusals end at their refusal phrase (the same verdicts, less decoding). For
     ``ships(..., refusal_tokens=...)`` and ``ships_estimate(estimator="refusal-grad", ...)``.
 
     Raises:
@@ -323,9 +325,11 @@ def derive_refusal_tokens(
     """
     prompts = _check_prompts(prompts)
     judge_ = _get_judge(judge)
-    ids = generate_ids(model, tokenizer, prompts, prompt_format=prompt_format, system_prompt=system_prompt,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                       desc="refusal tokens")
+    settled = getattr(judge_, "refusal_settled", None)  # a keyword judge: a refusal ends at its phrase
+    stop = StopRule("refusal phrase", settled) if settled is not None else None
+    ids = generate_many(model, tokenizer, [{"prompts": prompts, "heads": [], "stop": stop}],
+                        prompt_format=prompt_format, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, progress=progress, desc="refusal tokens")[0]
     responses = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
     refusals = _run_judge(judge_, prompts, responses)
     return refusal_tokens_from([t[0] if t else None for t in ids], refusals)

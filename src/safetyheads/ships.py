@@ -533,6 +533,8 @@ def ships_estimate(
       Fisher pulled back to the final hidden state ``h``. One backward per direction.
     * ``"refusal-grad"``: attribution patching of the refusal log-odds (first order; needs
       ``refusal_tokens``). Fills ``refusal`` with the estimated drop; one backward.
+      ``"fisher"`` given ``refusal_tokens`` fills it too, from the same forward pass (one backward
+      more): the same numbers as a separate ``"refusal-grad"`` run, one forward fewer.
 
     Both are estimates: check them with :func:`agreement` against :func:`ships` on a sample.
     """
@@ -551,7 +553,7 @@ def ships_estimate(
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
     g = get_adapter(model).geometry
     kl = torch.full((len(prompts), g.n_layers, g.n_heads), math.nan, dtype=score_dtype(model))
-    refusal = torch.full_like(kl, math.nan) if estimator == "refusal-grad" else None
+    refusal = torch.full_like(kl, math.nan) if rt is not None else None
     encoded = _encode(model, tokenizer, prompts, prompt_format, system_prompt)  # empty / over-long prompts
     if mode is Mode.MEAN and mean is None:
         mean = _means_over(model, encoded)
@@ -577,10 +579,11 @@ def ships_estimate(
                         est = torch.zeros(n, g.n_layers, g.n_heads, dtype=torch.float64)
                         for i in range(lam.shape[1]):
                             obj = (h * U[:, i].to(h)).sum()
-                            (grad,) = torch.autograd.grad(obj, s, retain_graph=i < lam.shape[1] - 1)
+                            more = i < lam.shape[1] - 1 or rt is not None
+                            (grad,) = torch.autograd.grad(obj, s, retain_graph=more)
                             est += 0.5 * lam[:, i, None, None] * grad.double() ** 2
                         kl[b0:b0 + n] = est.to(kl.dtype)
-                    else:
+                    if rt is not None:  # the refusal gradient from the same forward
                         obj = refusal_logodds(logits, rt).sum()
                         (grad,) = torch.autograd.grad(obj, s)
                         refusal[b0:b0 + n] = -grad  # drop in log-odds ≈ −∂/∂a at a = 0
