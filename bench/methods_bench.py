@@ -11,6 +11,9 @@ AdvBench prompts never used for choosing them (``holdout_split``, disjoint). Met
                       (the disagreement table uses it when the sweep covers every attribution prompt);
 * ``refusal-search``  the exact greedy group search on the refusal objective
                       (:func:`safetyheads.search.search_heads`, refusal-gradient prefilter);
+* ``refusal-search-adaptive``  the same search, but before every step after the first its
+                      ``--prefilter-k`` candidates are re-ranked by the refusal gradient taken with the
+                      heads chosen so far ablated (``prefilter="estimate-adaptive"``);
 * ``mask``            learned sparse head masks (:mod:`safetyheads.masks`), if present;
 * ``refusal-dir``     heads with the largest direct write onto the refusal direction
                       (:mod:`safetyheads.refusal_direction`), if present.
@@ -63,6 +66,7 @@ METHODS = {
     "refusal-grad": "refusal log-odds gradient estimate, top k",
     "refusal-exact": "exact single-head refusal drop, top k",
     "refusal-search": "exact greedy search, refusal objective",
+    "refusal-search-adaptive": "exact greedy search, refusal objective, candidates re-estimated under the chosen heads",
     "mask": "learned head mask (L1), top k",
     "refusal-dir": "refusal-direction projection, top k",
 }
@@ -102,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--skip", default="", help="comma-separated methods to leave out")
+    p.add_argument("--no-disagreement", action="store_true", help="leave out the per-head disagreement table")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     a.ks = sorted({int(x) for x in a.ks.split(",") if x.strip()})
@@ -222,6 +227,20 @@ class Bench:
         res = self.cached("refusal-search", path, make, SearchResult.load)
         return res
 
+    def refusal_search_adaptive(self, grad: ShipsResult) -> SearchResult:
+        path = self.out / "refusal_search_adaptive.json"
+
+        def make() -> None:
+            res = search_heads(self.model, self.tok, self.attr, objective="refusal", steps=self.a.search_steps,
+                               refusal_tokens=self.rt, prefilter="estimate-adaptive", prefilter_k=self.a.prefilter_k,
+                               prefilter_scores=grad.mean("refusal"), batch_size=len(self.attr),
+                               checkpoint=self.out / "refusal_search_adaptive.ckpt.json", progress=self.progress,
+                               **self.common)
+            res.save(path)
+            (self.out / "refusal_search_adaptive.ckpt.json").unlink(missing_ok=True)
+
+        return self.cached("refusal-search-adaptive", path, make, SearchResult.load)
+
     def sahara(self) -> SaharaResult:
         path = self.out / "sahara.json"
 
@@ -286,6 +305,9 @@ class Bench:
         if "search" in found:
             out["refusal-search"] = {k: list(found["search"].heads[:k]) for k in ks + self.a.extra_ks
                                      if k <= len(found["search"].heads)}
+        if "search-adaptive" in found:
+            out["refusal-search-adaptive"] = {k: list(found["search-adaptive"].heads[:k]) for k in ks + self.a.extra_ks
+                                              if k <= len(found["search-adaptive"].heads)}
         if "mask" in found:
             out["mask"] = {k: found["mask"].top_heads(k) for k in ks}
         if "direction" in found:
@@ -331,11 +353,14 @@ class Bench:
         skip = self.a.skip
         found: dict[str, Any] = {}
         # the cheap signed methods first, then a first look at their held-out effect
-        if not {"refusal-grad", "refusal-search"} <= skip:
+        if not {"refusal-grad", "refusal-search", "refusal-search-adaptive"} <= skip:
             found["grad"] = self.refusal_grad()
         if "refusal-search" not in skip:
             found["search"] = self.refusal_search(found["grad"])
             log.info("refusal search: %s", found["search"].heads)
+        if "refusal-search-adaptive" not in skip:
+            found["search-adaptive"] = self.refusal_search_adaptive(found["grad"])
+            log.info("refusal search, adaptive prefilter: %s", found["search-adaptive"].heads)
         first, _ = self.conditions(self.method_heads(found))
         self.stage("generate-first", self.evaluate, [c for c in first if c["method"] != "random"], None)
         if "sahara" not in skip:
@@ -349,7 +374,7 @@ class Bench:
         heads = self.method_heads(found)
         conds, harmless = self.conditions(heads)
         ev = self.stage("generate", self.evaluate, conds, harmless)
-        dis = self.disagreement(found, heads)
+        dis = None if self.a.no_disagreement else self.disagreement(found, heads)
         self.write(ev, heads, found, dis)
 
     def disagreement(self, found: dict[str, Any], heads: dict[str, dict[int, list]]):
@@ -381,7 +406,7 @@ class Bench:
         h_base = over.get("harmless-baseline")
         method_time = {"ships-kl": "ships-kl", "refusal-exact": "ships-kl", "sahara": "sahara",
                        "refusal-grad": "refusal-grad", "refusal-search": "refusal-search", "mask": "mask",
-                       "refusal-dir": "refusal-dir"}
+                       "refusal-dir": "refusal-dir", "refusal-search-adaptive": "refusal-search-adaptive"}
         rows: list[dict] = []
         for m, by_k in heads.items():
             for k in sorted(by_k):
@@ -449,18 +474,23 @@ class Bench:
                 verdict.append("Smallest k reaching +0.40 (p < 0.01): " + (
                     ", ".join(f"{METHODS[r['method']]} k={r['k']}" for r in sorted(reach, key=lambda r: r["k"])[:3])
                     if reach else f"none of the k tried (up to {max(r['k'] for r in rows)})."))
-        lines += ["", *verdict, "", f"## Why the methods disagree (top {max(a.ks)} heads of each)", "",
-                  "Columns over the attribution prompts, each head ablated alone: mean exact Ships (KL), exact signed "
-                  "refusal drop (mean drop of the refusal log-odds; negative = ablation raises refusal), Sahara's "
-                  "single-head generalized Ships (rad), direct write onto the refusal direction, mean attention "
-                  "weight on the first token at the last position.", "", dis.to_markdown()]
+        lines += ["", *verdict]
+        if dis is not None:
+            lines += ["", f"## Why the methods disagree (top {max(a.ks)} heads of each)", "",
+                      "Columns over the attribution prompts, each head ablated alone: mean exact Ships (KL), exact "
+                      "signed refusal drop (mean drop of the refusal log-odds; negative = ablation raises refusal), "
+                      "Sahara's single-head generalized Ships (rad), direct write onto the refusal direction, mean "
+                      "attention weight on the first token at the last position.", "", dis.to_markdown()]
         search = found.get("search")
-        if search is not None:
-            lines += ["## The refusal search, step by step", "",
+        for key, title in (("search", "The refusal search"), ("search-adaptive", "The refusal search, adaptive prefilter")):
+            res = found.get(key)
+            if res is None:
+                continue
+            lines += [f"## {title}, step by step", "",
                       "| step | head | mean refusal drop of the group (attribution) | signed effect alone |",
                       "|---|---|---|---|"]
-            for i, s in enumerate(search.steps):
-                alone = None if search.signed is None else search.signed.get(s.chosen)
+            for i, s in enumerate(res.steps):
+                alone = None if res.signed is None else res.signed.get(s.chosen)
                 lines.append(f"| {i + 1} | L{s.chosen[0]}H{s.chosen[1]} | {s.score:+.3f} | "
                              f"{'—' if alone is None else f'{alone:+.3f}'} |")
         lines += ["", "Method times: " + ", ".join(f"{k} {v['wall_s'] / 60:.1f} min wall / {v['cpu_s'] / 60:.1f} min "
@@ -476,8 +506,10 @@ class Bench:
             "verdict": verdict, "times": self.times, "refusal_tokens": self.rt,
             "config": {k: getattr(a, k) if not isinstance(getattr(a, k), set) else sorted(getattr(a, k))
                        for k in vars(a) if k != "out"},
-            "evaluation": ev.to_json(), "disagreement": dis.to_json(),
-            "search": None if search is None else search.to_json(), "versions": library_versions()})
+            "evaluation": ev.to_json(), "disagreement": None if dis is None else dis.to_json(),
+            "search": None if search is None else search.to_json(),
+            "search_adaptive": None if found.get("search-adaptive") is None else found["search-adaptive"].to_json(),
+            "versions": library_versions()})
         print(text)
 
 

@@ -311,6 +311,70 @@ def test_estimate_prefilter_uses_the_refusal_gradient(model, tok, rt):
     assert set(res.steps[0].scores) == set(top)
 
 
+@pytest.mark.parametrize("mode", ["zero", "ua"])
+def test_estimate_under_chosen_heads_is_the_gradient_there(model, tok, rt, mode):
+    """``ships_estimate(under=H)``: each other head's refusal-gradient estimate is minus the derivative
+    of the refusal log-odds in its strength with the heads of H ablated (strength 1, in the
+    linearised form the estimate uses: ua → ua-limit), checked against a central finite difference
+    of plain strength ablations (float64, step 1e-5: agreement to 1e-6 relative); H itself gets NaN."""
+    from safetyheads.ablation import ablate_strengths, heads_to_strength
+    from safetyheads.ships import refusal_logodds, ships_estimate
+
+    under = [(1, 2), (0, 3)]
+    est = ships_estimate(model, tok, P6[:2], estimator="refusal-grad", refusal_tokens=rt, mode=mode, under=under,
+                         progress=False).refusal
+    assert torch.isnan(est[:, 1, 2]).all() and torch.isnan(est[:, 0, 3]).all()
+    lin = "ua-limit" if mode == "ua" else mode
+    ids = [encode_prompts(tok, [t])["input_ids"] for t in format_prompts(tok, P6[:2])]
+    base = heads_to_strength(model, [under]).double()
+    for head in [(0, 0), (1, 1), (2, 3)]:
+        one = heads_to_strength(model, [[head]]).double()
+        for i, x in enumerate(ids):
+            vals = []
+            for a in (1e-5, -1e-5):
+                with torch.no_grad(), ablate_strengths(model, base + a * one, mode=lin, eps=1e-5):
+                    vals.append(float(refusal_logodds(model(input_ids=x).logits[:, -1], torch.tensor(rt))[0]))
+            fd = (vals[0] - vals[1]) / 2e-5
+            assert float(est[i, head[0], head[1]]) == pytest.approx(-fd, rel=1e-6, abs=1e-9)
+
+
+def test_adaptive_prefilter_reranks_under_the_chosen_heads(model, tok, rt, tmp_path, monkeypatch):
+    """``prefilter="estimate-adaptive"``: step 1's pool is the plain estimate's top k, every later
+    step's the top k of the estimate with the chosen heads ablated (``ships_estimate(under=...)``),
+    recorded per step; only those are scored; with k covering every head it is exhaustive search;
+    and an interrupted run resumes to the same result."""
+    from safetyheads import ships_estimate
+
+    kw = dict(objective="refusal", steps=3, refusal_tokens=rt, progress=False)
+    res = search_heads(model, tok, P6, prefilter="estimate-adaptive", prefilter_k=4, **kw)
+    chosen = [tuple(h) for h in res.heads]
+    for step in (1, 2):
+        est = ships_estimate(model, tok, P6, estimator="refusal-grad", refusal_tokens=rt, under=chosen[:step],
+                             progress=False).mean("refusal")
+        want = sorted((h for h in HEADS if h not in chosen[:step]), key=lambda h: (-float(est[h]), h))[:4]
+        assert [tuple(h) for h in res.config["kept_steps"][str(step)]] == want
+        assert set(res.steps[step].scores) == set(want)
+    full = search_heads(model, tok, P6, prefilter="estimate-adaptive", prefilter_k=len(HEADS), **kw)
+    assert full.to_json()["steps"] == search_heads(model, tok, P6, **kw).to_json()["steps"]
+    ckpt = tmp_path / "ck.json"
+    calls = []
+    real = search_mod._adaptive_pool
+
+    def cut(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # before step 3's pool: steps 1 and 2 are in the checkpoint
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(search_mod, "_adaptive_pool", cut)
+    with pytest.raises(KeyboardInterrupt):
+        search_heads(model, tok, P6, prefilter="estimate-adaptive", prefilter_k=4, checkpoint=ckpt, **kw)
+    monkeypatch.setattr(search_mod, "_adaptive_pool", real)
+    assert len(json.loads(ckpt.read_text())["done"]) == 2
+    again = search_heads(model, tok, P6, prefilter="estimate-adaptive", prefilter_k=4, checkpoint=ckpt, **kw)
+    assert again.to_json()["steps"] == res.to_json()["steps"] and again.config["kept_steps"] == res.config["kept_steps"]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(objective="refusal"), "needs refusal_tokens"),
     (dict(objective="nope"), "unknown objective"),

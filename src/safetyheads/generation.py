@@ -291,7 +291,7 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
                     pos, past = position_ids_from_mask(mask), None
                 else:
                     enc = encode(rows, len(prefix))
-                    past = shared.rows(rows)
+                    past = None  # the prefix rows, assembled below for a whole prefill
                     mask = torch.cat([enc["attention_mask"].new_ones(len(rows), len(prefix)),
                                       enc["attention_mask"]], 1)
                     pos = position_ids_from_mask(mask)[:, len(prefix):]
@@ -300,6 +300,8 @@ def _decode_stream(model, encode: Callable[[list[int], int], dict[str, torch.Ten
                     split = _prefill_from_lowest(model, ab, strength, rows, lows, enc["input_ids"], mask, pos, shared,
                                                  cache_arg, extra)
                 if split is None:
+                    if shared is not None:
+                        past = shared.rows(rows)
                     o = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True,
                               **{cache_arg: past}, **extra)
                     logits, prefill_cache = o.logits[:, -1], output_cache(o)

@@ -66,7 +66,7 @@ from .subspaces import principal_angles, subspace
 log = logging.getLogger("safetyheads")
 
 OBJECTIVES = ("subspace", "refusal", "kl")
-PREFILTERS = (None, "estimate", "exact-subset")
+PREFILTERS = (None, "estimate", "estimate-adaptive", "exact-subset")
 DEFAULT_BATCH_SIZE = 32
 
 __all__ = ["OBJECTIVES", "SearchResult", "SearchStep", "head_scores", "search_heads", "signed_effects",
@@ -426,8 +426,13 @@ def search_heads(
         candidates: heads to search over (default: all).
         prefilter: ``None`` (every candidate, every step), ``"estimate"`` (keep the ``prefilter_k``
             best heads of a gradient estimate: the refusal-gradient for ``"refusal"``, the Fisher KL
-            estimate otherwise — :func:`~safetyheads.ships.ships_estimate`) or ``"exact-subset"``
-            (keep the ``prefilter_k`` best exact step-1 scores on the first ``min(8, N)`` prompts).
+            estimate otherwise — :func:`~safetyheads.ships.ships_estimate`), ``"estimate-adaptive"``
+            (the same at step 1; before every later step the estimate is taken again with the
+            heads chosen so far ablated — ``ships_estimate(under=chosen)`` — and that step's pool is
+            its ``prefilter_k`` best other heads: heads that matter only once others are gone, as
+            when the model compensates for an ablation, can enter; each step's pool is recorded in
+            ``config["kept_steps"]``) or ``"exact-subset"`` (keep the ``prefilter_k`` best exact
+            step-1 scores on the first ``min(8, N)`` prompts).
         prefilter_scores: with ``prefilter="estimate"``, per-head scores ``[n_layers, n_heads]``
             already computed (higher = more promising) instead of recomputing the estimate.
         refusal_tokens: token ids that start a refusal. Needed by ``"refusal"``; with any objective
@@ -474,7 +479,8 @@ def search_heads(
     if steps > len(cands):
         raise ValueError(f"steps={steps} is more than the {len(cands)} candidate heads")
     if prefilter not in PREFILTERS:
-        raise ValueError(f"unknown prefilter {prefilter!r}; choose None, 'estimate' or 'exact-subset'")
+        raise ValueError(f"unknown prefilter {prefilter!r}; choose None, 'estimate', 'estimate-adaptive' or "
+                         "'exact-subset'")
     if prefilter and prefilter_k < steps:
         raise ValueError(f"prefilter_k={prefilter_k} must be >= steps={steps}")
     if prefilter_scores is not None and tuple(prefilter_scores.shape) != (g.n_layers, g.n_heads):
@@ -551,6 +557,14 @@ def search_heads(
     for step in range(len(done), steps):
         if "stopped" in state:
             break
+        if prefilter == "estimate-adaptive" and chosen:  # this step's pool: the estimate under the chosen heads
+            kept_steps = state.setdefault("kept_steps", {})
+            if str(step) not in kept_steps:
+                kept_steps[str(step)] = [list(h) for h in _adaptive_pool(
+                    model, tokenizer, prompts, [h for h in cands if h not in chosen], chosen, prefilter_k, objective,
+                    rt, mode, eps, prompt_format, system_prompt, progress, mean)]
+                save_state()
+            pool = chosen + [tuple(h) for h in kept_steps[str(step)]]
         if chosen:  # reuse the residual of the model with the chosen heads ablated below each candidate
             strength = heads_to_strength(model, [chosen])
             reps.rebase(strength, mode, eps)
@@ -614,6 +628,8 @@ def search_heads(
                       system_prompt=system_prompt, seconds=round(time.perf_counter() - t0, 2))
     config = {k: v for k, v in cfg.items() if k != "candidates"}
     config.update(n_candidates=len(cands), kept=state.get("kept"))
+    if "kept_steps" in state:
+        config["kept_steps"] = state["kept_steps"]
     if "stopped" in state:
         config["stopped"] = state["stopped"]
     return SearchResult(chosen, result_steps, config, prov, effects)
@@ -648,23 +664,37 @@ def _signed_of(steps: list[SearchStep], chosen: list[Head], objective: str, pref
     return {h: first[h] for h in chosen}
 
 
+def _estimate(model, tokenizer, prompts, objective, rt, mode, eps, prompt_format, system_prompt, progress, mean,
+              under=None) -> torch.Tensor:
+    """The mean gradient estimate a prefilter ranks by: the refusal drop for ``"refusal"``, Fisher KL otherwise."""
+    from .ships import ships_estimate
+
+    if objective == "refusal":
+        return ships_estimate(model, tokenizer, prompts, estimator="refusal-grad", refusal_tokens=rt.tolist(),
+                              mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
+                              progress=progress, mean=mean, under=under).mean("refusal")
+    return ships_estimate(model, tokenizer, prompts, mode=mode, eps=eps, prompt_format=prompt_format,
+                          system_prompt=system_prompt, progress=progress, mean=mean, under=under).mean("kl")
+
+
+def _adaptive_pool(model, tokenizer, prompts, cands, chosen, k, objective, rt, mode, eps, prompt_format, system_prompt,
+                   progress, mean) -> list[Head]:
+    """The ``k`` best of ``cands`` by the estimate with the ``chosen`` heads ablated (ties: lower layer, head)."""
+    est = _estimate(model, tokenizer, prompts, objective, rt, mode, eps, prompt_format, system_prompt, progress, mean,
+                    under=chosen)
+    return sorted(cands, key=lambda h: (-float(est[h]), h))[:k]
+
+
 def _prefilter(model, tokenizer, prompts, cands, how, k, objective, rt, mode, eps, rank, center, space, prompt_format,
                system_prompt, batch_size, progress, shard=None, scores=None, label="search", mean=None) -> list[Head]:
     """The ``k`` most promising candidates (see :func:`search_heads`)."""
     if len(cands) <= k:
         return list(cands)
-    if how == "estimate" and scores is not None:
+    if how in ("estimate", "estimate-adaptive") and scores is not None:
         vals = {h: float(scores[h]) for h in cands}
-    elif how == "estimate":
-        from .ships import ships_estimate
-
-        if objective == "refusal":
-            est = ships_estimate(model, tokenizer, prompts, estimator="refusal-grad", refusal_tokens=rt.tolist(),
-                                 mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
-                                 progress=progress, mean=mean).mean("refusal")
-        else:
-            est = ships_estimate(model, tokenizer, prompts, mode=mode, eps=eps, prompt_format=prompt_format,
-                                 system_prompt=system_prompt, progress=progress, mean=mean).mean("kl")
+    elif how in ("estimate", "estimate-adaptive"):
+        est = _estimate(model, tokenizer, prompts, objective, rt, mode, eps, prompt_format, system_prompt, progress,
+                        mean)
         vals = {h: float(est[h]) for h in cands}
     else:
         n = max(min(8, len(prompts)), rank + 1) if objective == "subspace" else min(8, len(prompts))

@@ -519,10 +519,15 @@ def ships_estimate(
     batch_size: int = 8,
     progress: bool = True,
     mean: torch.Tensor | None = None,
+    under: Sequence[Head] | None = None,
 ) -> ShipsResult:
     """Estimate Ships for every head from one forward and a few backward passes per batch.
 
     ``mean``: for ``mode="mean"``, the head means (default: :func:`dataset_means` of ``prompts``).
+    ``under``: heads ablated throughout (strength 1, in the linearised form below): the estimate is
+    then of each other head's ablation *on top of* those, measured from the model with them ablated
+    (the heads of ``under`` get no score: NaN). A greedy search re-ranks its candidates this way
+    after each chosen head (``search_heads(prefilter="estimate-adaptive")``).
 
     Each head's ablation is linearised as a strength ``a`` in its output-site form (for UA: the
     head's output moving toward the running mean of its values, UA's ε→0 limit), and
@@ -560,6 +565,8 @@ def ships_estimate(
     mean = check_mean(model, mode, mean)
     ad = get_adapter(model)
     dev = input_device(model)
+    under = validate_heads(under, g) if under else []
+    base = heads_to_strength(model, [under]).to(kl.dtype) if under else None  # [1, L, H], broadcast over rows
     bar = tqdm(total=len(prompts), desc=f"Ships estimate ({estimator})", disable=not progress)
     with _frozen(model):
         for b0 in range(0, len(texts), batch_size):
@@ -570,7 +577,9 @@ def ships_estimate(
             hidden: list[torch.Tensor] = []
             handle = ad.final_norm.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out[:, -1]))
             try:
-                with torch.enable_grad(), ablate_strengths(model, s, mode=lin, eps=eps, mean=mean, attention_mask=mask):
+                total = s if base is None else s + base
+                with torch.enable_grad(), ablate_strengths(model, total, mode=lin, eps=eps, mean=mean,
+                                                           attention_mask=mask):
                     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                    use_cache=False, logits_to_keep=1).logits[:, -1]
                     logits, h = at_least_float32(logits), at_least_float32(hidden[-1])
@@ -591,9 +600,15 @@ def ships_estimate(
                 handle.remove()
             bar.update(n)
     bar.close()
+    for layer, head in under:  # no score for a head that is already ablated
+        kl[:, layer, head] = math.nan
+        if refusal is not None:
+            refusal[:, layer, head] = math.nan
     prov = provenance(model, prompts, prompt_format=prompt_format, mode=mode.value, eps=eps, system_prompt=system_prompt,
                       estimator=estimator, directions=directions,
                       refusal_tokens=None if rt is None else rt.tolist())
+    if under:
+        prov["under"] = [list(h) for h in under]
     return ShipsResult(kl, refusal, list(prompts), f"estimate:{estimator}", prov)
 
 
