@@ -146,7 +146,7 @@ def run(out, quiet, config_file, **fields) -> None:
     """The whole study: Ships, Sahara heads, the exact refusal head search, attack success with and without
     them, report.
 
-    With no flags: Qwen2.5-Coder-0.5B-Instruct (embedded) on AdvBench, 96 held-out prompts, ~11 min on 2 CPU cores.
+    With no flags: Qwen2.5-Coder-0.5B-Instruct (embedded) on AdvBench, 96 held-out prompts, ~8 min on 2 idle CPU cores.
     Interrupted runs resume when the same command is run again.
     """
     path = _execute(("prompts", "ships", "sahara", "search", "evaluate", "report"), out, quiet, config_file, fields)

@@ -36,7 +36,7 @@ _UNSET_ABSENT = ("preset", "ships_format", "sahara_format", "eval_format", "sear
 
 
 class RunConfig(BaseModel):
-    """Everything a ``safetyheads run`` depends on. The defaults are the embedded study (~11 min on 2 CPU cores)."""
+    """Everything a ``safetyheads run`` depends on. The defaults are the embedded study (~8 min on 2 idle CPU cores)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
