@@ -14,6 +14,9 @@ AdvBench prompts never used for choosing them (``holdout_split``, disjoint). Met
 * ``refusal-search-adaptive``  the same search, but before every step after the first its
                       ``--prefilter-k`` candidates are re-ranked by the refusal gradient taken with the
                       heads chosen so far ablated (``prefilter="estimate-adaptive"``);
+* ``refusal-search-refused``  the same search (and its refusal-gradient prefilter) on only the
+                      attribution prompts whose unablated greedy answer the judge calls a refusal: the
+                      mean drop then counts only prompts where a drop can flip a verdict;
 * ``mask``            learned sparse head masks (:mod:`safetyheads.masks`), if present;
 * ``refusal-dir``     heads with the largest direct write onto the refusal direction
                       (:mod:`safetyheads.refusal_direction`), if present.
@@ -67,6 +70,7 @@ METHODS = {
     "refusal-exact": "exact single-head refusal drop, top k",
     "refusal-search": "exact greedy search, refusal objective",
     "refusal-search-adaptive": "exact greedy search, refusal objective, candidates re-estimated under the chosen heads",
+    "refusal-search-refused": "exact greedy search, refusal objective on the attribution prompts the model refuses",
     "mask": "learned head mask (L1), top k",
     "refusal-dir": "refusal-direction projection, top k",
 }
@@ -241,6 +245,38 @@ class Bench:
 
         return self.cached("refusal-search-adaptive", path, make, SearchResult.load)
 
+    def refused_attribution(self) -> list[str]:
+        """The attribution prompts whose unablated greedy answer (``--max-new-tokens``) the judge calls a refusal."""
+        path = self.out / "attribution_refused.json"
+        if not path.exists():
+            from safetyheads.generation import generate_ids
+            from safetyheads.judges import get_judge
+
+            def make() -> None:
+                ids = generate_ids(self.model, self.tok, self.attr, max_new_tokens=self.a.max_new_tokens,
+                                   batch_size=len(self.attr), progress=False, **self.common)
+                answers = [self.tok.decode(t, skip_special_tokens=True) for t in ids]
+                refused = get_judge(self.a.judge).is_refusal(self.attr, answers)
+                _json(path, {"judge": self.a.judge, "refused": [bool(r) for r in refused], "answers": answers})
+
+            self.stage("refused-attribution", make)
+        refused = json.loads(path.read_text())["refused"]
+        return [p for p, r in zip(self.attr, refused) if r]
+
+    def refusal_search_refused(self) -> SearchResult:
+        path = self.out / "refusal_search_refused.json"
+        prompts = self.refused_attribution()
+
+        def make() -> None:
+            res = search_heads(self.model, self.tok, prompts, objective="refusal", steps=self.a.search_steps,
+                               refusal_tokens=self.rt, prefilter="estimate", prefilter_k=self.a.prefilter_k,
+                               batch_size=len(prompts), checkpoint=self.out / "refusal_search_refused.ckpt.json",
+                               progress=self.progress, **self.common)
+            res.save(path)
+            (self.out / "refusal_search_refused.ckpt.json").unlink(missing_ok=True)
+
+        return self.cached("refusal-search-refused", path, make, SearchResult.load)
+
     def sahara(self) -> SaharaResult:
         path = self.out / "sahara.json"
 
@@ -305,6 +341,9 @@ class Bench:
         if "search" in found:
             out["refusal-search"] = {k: list(found["search"].heads[:k]) for k in ks + self.a.extra_ks
                                      if k <= len(found["search"].heads)}
+        if "search-refused" in found:
+            out["refusal-search-refused"] = {k: list(found["search-refused"].heads[:k]) for k in ks + self.a.extra_ks
+                                             if k <= len(found["search-refused"].heads)}
         if "search-adaptive" in found:
             out["refusal-search-adaptive"] = {k: list(found["search-adaptive"].heads[:k]) for k in ks + self.a.extra_ks
                                               if k <= len(found["search-adaptive"].heads)}
@@ -361,6 +400,9 @@ class Bench:
         if "refusal-search-adaptive" not in skip:
             found["search-adaptive"] = self.refusal_search_adaptive(found["grad"])
             log.info("refusal search, adaptive prefilter: %s", found["search-adaptive"].heads)
+        if "refusal-search-refused" not in skip:
+            found["search-refused"] = self.refusal_search_refused()
+            log.info("refusal search on the refused attribution prompts: %s", found["search-refused"].heads)
         first, _ = self.conditions(self.method_heads(found))
         self.stage("generate-first", self.evaluate, [c for c in first if c["method"] != "random"], None)
         if "sahara" not in skip:
@@ -406,7 +448,8 @@ class Bench:
         h_base = over.get("harmless-baseline")
         method_time = {"ships-kl": "ships-kl", "refusal-exact": "ships-kl", "sahara": "sahara",
                        "refusal-grad": "refusal-grad", "refusal-search": "refusal-search", "mask": "mask",
-                       "refusal-dir": "refusal-dir", "refusal-search-adaptive": "refusal-search-adaptive"}
+                       "refusal-dir": "refusal-dir", "refusal-search-adaptive": "refusal-search-adaptive",
+                       "refusal-search-refused": "refusal-search-refused"}
         rows: list[dict] = []
         for m, by_k in heads.items():
             for k in sorted(by_k):
@@ -482,11 +525,12 @@ class Bench:
                       "Sahara's single-head generalized Ships (rad), direct write onto the refusal direction, mean "
                       "attention weight on the first token at the last position.", "", dis.to_markdown()]
         search = found.get("search")
-        for key, title in (("search", "The refusal search"), ("search-adaptive", "The refusal search, adaptive prefilter")):
+        for key, title in (("search", "The refusal search"), ("search-adaptive", "The refusal search, adaptive prefilter"),
+                           ("search-refused", "The refusal search on the refused attribution prompts")):
             res = found.get(key)
             if res is None:
                 continue
-            lines += [f"## {title}, step by step", "",
+            lines += ["", f"## {title}, step by step", "",
                       "| step | head | mean refusal drop of the group (attribution) | signed effect alone |",
                       "|---|---|---|---|"]
             for i, s in enumerate(res.steps):
