@@ -216,34 +216,27 @@ class Bench:
                                                   **self.common).save(stem),
                            lambda p: ShipsResult.load(stem))
 
-    def refusal_search(self, grad: ShipsResult) -> SearchResult:
-        path = self.out / "refusal_search.json"
+    def _search(self, name: str, prompts: list[str], prefilter: str, scores: torch.Tensor | None) -> SearchResult:
+        """The exact greedy refusal search ``name`` on ``prompts`` (artifact ``<name>.json`` with ``_`` for
+        ``-``, checkpointed beside it), timed as stage ``name``. The refusal-gradient prefilter's time,
+        when ``scores`` come from the ``refusal-grad`` stage, is that stage's."""
+        stem = name.replace("-", "_")
+        path, ckpt = self.out / f"{stem}.json", self.out / f"{stem}.ckpt.json"
 
         def make() -> None:
-            res = search_heads(self.model, self.tok, self.attr, objective="refusal", steps=self.a.search_steps,
-                               refusal_tokens=self.rt, prefilter="estimate", prefilter_k=self.a.prefilter_k,
-                               prefilter_scores=grad.mean("refusal"), batch_size=len(self.attr),
-                               checkpoint=self.out / "refusal_search.ckpt.json", progress=self.progress, **self.common)
-            res.save(path)
-            (self.out / "refusal_search.ckpt.json").unlink(missing_ok=True)
+            search_heads(self.model, self.tok, prompts, objective="refusal", steps=self.a.search_steps,
+                         refusal_tokens=self.rt, prefilter=prefilter, prefilter_k=self.a.prefilter_k,
+                         prefilter_scores=scores, batch_size=len(prompts), checkpoint=ckpt, progress=self.progress,
+                         **self.common).save(path)
+            ckpt.unlink(missing_ok=True)
 
-        # the refusal-gradient prefilter's time belongs to this method too
-        res = self.cached("refusal-search", path, make, SearchResult.load)
-        return res
+        return self.cached(name, path, make, SearchResult.load)
+
+    def refusal_search(self, grad: ShipsResult) -> SearchResult:
+        return self._search("refusal-search", self.attr, "estimate", grad.mean("refusal"))
 
     def refusal_search_adaptive(self, grad: ShipsResult) -> SearchResult:
-        path = self.out / "refusal_search_adaptive.json"
-
-        def make() -> None:
-            res = search_heads(self.model, self.tok, self.attr, objective="refusal", steps=self.a.search_steps,
-                               refusal_tokens=self.rt, prefilter="estimate-adaptive", prefilter_k=self.a.prefilter_k,
-                               prefilter_scores=grad.mean("refusal"), batch_size=len(self.attr),
-                               checkpoint=self.out / "refusal_search_adaptive.ckpt.json", progress=self.progress,
-                               **self.common)
-            res.save(path)
-            (self.out / "refusal_search_adaptive.ckpt.json").unlink(missing_ok=True)
-
-        return self.cached("refusal-search-adaptive", path, make, SearchResult.load)
+        return self._search("refusal-search-adaptive", self.attr, "estimate-adaptive", grad.mean("refusal"))
 
     def refused_attribution(self) -> list[str]:
         """The attribution prompts whose unablated greedy answer (``--max-new-tokens``) the judge calls a refusal."""
@@ -264,18 +257,7 @@ class Bench:
         return [p for p, r in zip(self.attr, refused) if r]
 
     def refusal_search_refused(self) -> SearchResult:
-        path = self.out / "refusal_search_refused.json"
-        prompts = self.refused_attribution()
-
-        def make() -> None:
-            res = search_heads(self.model, self.tok, prompts, objective="refusal", steps=self.a.search_steps,
-                               refusal_tokens=self.rt, prefilter="estimate", prefilter_k=self.a.prefilter_k,
-                               batch_size=len(prompts), checkpoint=self.out / "refusal_search_refused.ckpt.json",
-                               progress=self.progress, **self.common)
-            res.save(path)
-            (self.out / "refusal_search_refused.ckpt.json").unlink(missing_ok=True)
-
-        return self.cached("refusal-search-refused", path, make, SearchResult.load)
+        return self._search("refusal-search-refused", self.refused_attribution(), "estimate", None)
 
     def sahara(self) -> SaharaResult:
         path = self.out / "sahara.json"

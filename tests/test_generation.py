@@ -105,6 +105,15 @@ def test_rows_joining_a_running_batch_equal_alone(tok, arch, monkeypatch):
     assert len({len(r) for rows in want for r in rows}) > 2  # rows did end at different lengths
 
 
+def _assert_same(got, want, batch_size) -> None:
+    """``generate_and_score`` results: the same tokens, and first-position refusal scores equal to float64
+    rounding (1e-10 relative; the paths differ only in summation order)."""
+    assert got[0] == want[0], batch_size
+    for rows, ref in zip(got[1], want[1]):
+        assert [p for p, _ in rows] == pytest.approx([p for p, _ in ref], rel=1e-10, abs=1e-15)
+        assert [lo for _, lo in rows] == pytest.approx([lo for _, lo in ref], rel=1e-10, abs=1e-12)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
 def test_shared_prefix_cache_equals_whole_prompts(tok, arch, monkeypatch):
     """The chat template's common prefix is prefilled once per distinct head set and copied into each
@@ -121,12 +130,8 @@ def test_shared_prefix_cache_equals_whole_prompts(tok, arch, monkeypatch):
                                progress=False, shared_prefix=False)
     assert not prefixes
     for batch_size in (3, 64):
-        ids, scores = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
-                                         batch_size=batch_size, progress=False)
-        assert ids == whole[0], batch_size
-        for got, want in zip(scores, whole[1]):
-            assert [p for p, _ in got] == pytest.approx([p for p, _ in want], rel=1e-10, abs=1e-15)
-            assert [lo for _, lo in got] == pytest.approx([lo for _, lo in want], rel=1e-10, abs=1e-12)
+        _assert_same(generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
+                                        batch_size=batch_size, progress=False), whole, batch_size)
     assert prefixes and min(prefixes) > 5  # the system block and more was shared
 
 
@@ -149,12 +154,8 @@ def test_prefill_from_lowest_ablated_layer_equals_full_prefill(tok, arch, monkey
                               progress=False, reuse_lower=False)
     assert not skipped
     for batch_size in (4, 64):
-        ids, scores = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
-                                         batch_size=batch_size, progress=False)
-        assert ids == full[0], batch_size
-        for got, want in zip(scores, full[1]):
-            assert [p for p, _ in got] == pytest.approx([p for p, _ in want], rel=1e-10, abs=1e-15)
-            assert [lo for _, lo in got] == pytest.approx([lo for _, lo in want], rel=1e-10, abs=1e-12)
+        _assert_same(generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
+                                        batch_size=batch_size, progress=False), full, batch_size)
     assert any(skipped) == (arch != "gemma3")
 
 
