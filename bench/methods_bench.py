@@ -58,9 +58,10 @@ from safetyheads.ships import ShipsResult, ships, ships_estimate
 
 log = logging.getLogger("methods_bench")
 
-#: arguments that change results: a folder made with other values is refused
+#: arguments that change results: a folder made with other values is refused (not --search-steps: a
+#: finished search is extended to more steps, ``search_heads(extend=...)``, and its first steps stay the same)
 RESULT_KEYS = ("model", "dataset", "n_attr", "n_eval", "harmless", "n_harmless", "train_harmless", "n_train_harmless",
-               "max_new_tokens", "seed", "prompt_format", "mode", "eps", "judge", "ks", "search_steps", "prefilter_k",
+               "max_new_tokens", "seed", "prompt_format", "mode", "eps", "judge", "ks", "prefilter_k",
                "random_draws", "n_ships", "mask_steps", "dtype")
 
 METHODS = {
@@ -122,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--ks needs positive integers")
     if max(a.ks + a.extra_ks) > a.search_steps:
         p.error("--search-steps must be >= every k")
+    if a.prefilter_k < a.search_steps:
+        p.error("--prefilter-k must be >= --search-steps (the search picks its heads from that pool)")
     if a.skip - set(METHODS):
         p.error(f"unknown methods in --skip: {sorted(a.skip - set(METHODS))}")
     return a
@@ -223,14 +226,19 @@ class Bench:
         stem = name.replace("-", "_")
         path, ckpt = self.out / f"{stem}.json", self.out / f"{stem}.ckpt.json"
 
-        def make() -> None:
+        def make(extend: SearchResult | None = None) -> None:
             search_heads(self.model, self.tok, prompts, objective="refusal", steps=self.a.search_steps,
                          refusal_tokens=self.rt, prefilter=prefilter, prefilter_k=self.a.prefilter_k,
                          prefilter_scores=scores, batch_size=len(prompts), checkpoint=ckpt, progress=self.progress,
-                         **self.common).save(path)
+                         extend=extend, **self.common).save(path)
             ckpt.unlink(missing_ok=True)
 
-        return self.cached(name, path, make, SearchResult.load)
+        found = self.cached(name, path, make, SearchResult.load)
+        if len(found.steps) < self.a.search_steps and "stopped" not in found.config:  # a longer search asked for
+            log.info("%s: extending %d steps to %d", name, len(found.steps), self.a.search_steps)
+            self.stage(name, make, found)
+            found = SearchResult.load(path)
+        return found
 
     def refusal_search(self, grad: ShipsResult) -> SearchResult:
         return self._search("refusal-search", self.attr, "estimate", grad.mean("refusal"))

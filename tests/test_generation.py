@@ -114,25 +114,33 @@ def _assert_same(got, want, batch_size) -> None:
         assert [lo for _, lo in rows] == pytest.approx([lo for _, lo in ref], rel=1e-10, abs=1e-12)
 
 
+def _fast_path_equals_plain(tok, arch, monkeypatch, jobs, spied: str, off: dict, batch_sizes, plain_batch_size):
+    """Generate ``jobs`` on a float64 ``arch`` model with a fast path off (keyword ``off``) and on, at each
+    of ``batch_sizes``: the same tokens and refusal scores (:func:`_assert_same`). Returns ``(args,
+    result)`` of every call of ``gen.<spied>`` (the fast path's function; never called with it off)."""
+    model = tiny_lm(arch, len(tok), dtype=torch.float64, max_positions=256)
+    tokens = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("I", "Sorry", "As")})
+    calls = []
+    real = getattr(gen, spied)
+    monkeypatch.setattr(gen, spied, lambda *a: (lambda r: calls.append((a, r)) or r)(real(*a)))
+    plain = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
+                               batch_size=plain_batch_size, progress=False, **off)
+    assert not calls
+    for batch_size in batch_sizes:
+        _assert_same(generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
+                                        batch_size=batch_size, progress=False), plain, batch_size)
+    return calls
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
 def test_shared_prefix_cache_equals_whole_prompts(tok, arch, monkeypatch):
     """The chat template's common prefix is prefilled once per distinct head set and copied into each
     row's cache (layout ``[prefix | padding | rest]``): every row's tokens and first-position refusal
     scores must equal whole-prompt prefill, in float64, on every architecture (gemma3's sliding-window
     cache falls back to whole prompts)."""
-    model = tiny_lm(arch, len(tok), dtype=torch.float64, max_positions=256)
-    jobs = _jobs(PROMPTS)
-    tokens = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("I", "Sorry", "As")})
-    prefixes = []
-    real = gen._prefix_cache
-    monkeypatch.setattr(gen, "_prefix_cache", lambda *a: prefixes.append(len(a[3])) or real(*a))
-    whole = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8, batch_size=5,
-                               progress=False, shared_prefix=False)
-    assert not prefixes
-    for batch_size in (3, 64):
-        _assert_same(generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
-                                        batch_size=batch_size, progress=False), whole, batch_size)
-    assert prefixes and min(prefixes) > 5  # the system block and more was shared
+    calls = _fast_path_equals_plain(tok, arch, monkeypatch, _jobs(PROMPTS), "_prefix_cache",
+                                    dict(shared_prefix=False), (3, 64), 5)
+    assert calls and min(len(args[3]) for args, _ in calls) > 5  # the system block and more was shared
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
@@ -143,20 +151,10 @@ def test_prefill_from_lowest_ablated_layer_equals_full_prefill(tok, arch, monkey
     joining running batches: tokens must equal full prefills and first-position refusal scores match
     to float64 rounding, on every architecture (gemma3's sliding-window cache has no shared prefix,
     so nothing is skipped there)."""
-    model = tiny_lm(arch, len(tok), dtype=torch.float64, max_positions=256)
     jobs = _jobs(PROMPTS) + [{"prompts": PROMPTS, "heads": [(2, 1)]}]
-    tokens = sorted({tok.encode(w, add_special_tokens=False)[0] for w in ("I", "Sorry", "As")})
-    skipped = []
-    real = gen._prefill_from_lowest
-    monkeypatch.setattr(gen, "_prefill_from_lowest",
-                        lambda *a: (lambda r: skipped.append(r is not None) or r)(real(*a)))
-    full = generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8, batch_size=64,
-                              progress=False, reuse_lower=False)
-    assert not skipped
-    for batch_size in (4, 64):
-        _assert_same(generate_and_score(model, tok, jobs, refusal_tokens=tokens, max_new_tokens=8,
-                                        batch_size=batch_size, progress=False), full, batch_size)
-    assert any(skipped) == (arch != "gemma3")
+    calls = _fast_path_equals_plain(tok, arch, monkeypatch, jobs, "_prefill_from_lowest", dict(reuse_lower=False),
+                                    (4, 64), 64)
+    assert any(r is not None for _, r in calls) == (arch != "gemma3")
 
 
 def test_lowest_layers():

@@ -375,6 +375,32 @@ def test_adaptive_prefilter_reranks_under_the_chosen_heads(model, tok, rt, tmp_p
     assert again.to_json()["steps"] == res.to_json()["steps"] and again.config["kept_steps"] == res.config["kept_steps"]
 
 
+@pytest.mark.parametrize("prefilter", [None, "estimate-adaptive"])
+def test_extend_a_finished_search_equals_a_longer_one(model, tok, rt, monkeypatch, prefilter):
+    """``extend=`` a 2-step search to 4 steps: the same steps, scores, pools and signed effects as a
+    4-step search from scratch, scoring only steps 3 and 4's candidates; a result of
+    another configuration, or with more steps than asked, is refused."""
+    kw = dict(objective="refusal", refusal_tokens=rt, prefilter=prefilter, prefilter_k=6, progress=False)
+    full = search_heads(model, tok, P6, steps=4, **kw)
+    short = search_heads(model, tok, P6, steps=2, **kw)
+    assert short.heads == full.heads[:2]
+    count = Interrupt(monkeypatch, None)
+    longer = search_heads(model, tok, P6, steps=4, extend=SearchResult.from_json(short.to_json()), **kw)
+    scored = 2 * 6 if prefilter else (len(HEADS) - 2) + (len(HEADS) - 3)  # adaptive: 6 new heads every step
+    # signed effects come free from step 1's scores unless a chosen head was not in step 1's pool
+    signed = 0 if all(h in full.steps[0].scores for h in full.heads) else len(full.heads)
+    assert count.calls == scored + signed
+    assert longer.to_json()["steps"] == full.to_json()["steps"] and longer.signed == full.signed
+    assert longer.config.get("kept_steps") == full.config.get("kept_steps")
+    assert longer.config["extended_from_steps"] == 2 and longer.config["steps"] == 4
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['refusal_tokens'\]"):
+        search_heads(model, tok, P6, steps=4, extend=short, **{**kw, "refusal_tokens": rt[:1]})
+    with pytest.raises(ValueError, match=r"differs in \['mode'\]"):
+        search_heads(model, tok, P6, steps=4, extend=short, mode="zero", **kw)
+    with pytest.raises(ValueError, match="already has 4 steps"):
+        search_heads(model, tok, P6, steps=3, extend=full, **kw)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(objective="refusal"), "needs refusal_tokens"),
     (dict(objective="nope"), "unknown objective"),

@@ -386,11 +386,17 @@ def _prefill_from_lowest(model, ab, strength: torch.Tensor, rows: list[int], low
         order += sel
         logits.append(o.logits[:, -1])
         caches.append(cache)
+    return order, torch.cat(logits), _cat_caches(caches)
+
+
+def _cat_caches(caches: list[Any]) -> Any:
+    """One dynamic KV cache whose rows are ``caches``' rows in turn (the first cache, extended in place)."""
     merged = caches[0]
-    for i, layer in enumerate(merged.layers):
-        layer.keys = torch.cat([c.layers[i].keys for c in caches])
-        layer.values = torch.cat([c.layers[i].values for c in caches])
-    return order, torch.cat(logits), merged
+    if len(caches) > 1:
+        for i, layer in enumerate(merged.layers):
+            layer.keys = torch.cat([c.layers[i].keys for c in caches])
+            layer.values = torch.cat([c.layers[i].values for c in caches])
+    return merged
 
 
 class _SharedPrefix:
@@ -417,12 +423,7 @@ def _prefix_cache(model, ab, strength: torch.Tensor, prefix: Sequence[int], batc
     for b0 in range(0, len(distinct), batch_size):
         ab.strength = distinct[b0:b0 + batch_size]
         caches.append(base.under(model, 0, len(ab.strength)).cache)
-    template = caches[0]
-    if len(caches) > 1:
-        for i, layer in enumerate(template.layers):
-            layer.keys = torch.cat([c.layers[i].keys for c in caches])
-            layer.values = torch.cat([c.layers[i].values for c in caches])
-    return _SharedPrefix(template, inverse.cpu(), base)
+    return _SharedPrefix(_cat_caches(caches), inverse.cpu(), base)
 
 
 def _job_rows(model, job: Mapping[str, Any], index: int) -> tuple[list[str], list[list[Head]]]:

@@ -370,6 +370,22 @@ def _digest(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
+def _check_extend(prev: SearchResult, cfg: dict, n_candidates: int, steps: int) -> None:
+    """Refuse to extend a search of another configuration, or one longer than ``steps``."""
+    old = {k: v for k, v in prev.config.items()
+           if k not in ("steps", "kept", "kept_steps", "stopped", "n_candidates", "extended_from_steps")}
+    new = {k: v for k, v in cfg.items() if k not in ("steps", "candidates")}
+    norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=list))  # noqa: E731 (tuples → lists)
+    diff = sorted(k for k in set(old) | set(new) if norm(old).get(k) != norm(new).get(k))
+    if prev.config.get("n_candidates") != n_candidates:
+        diff.append("candidates")
+    if diff:
+        raise ValueError(f"extend= is a search of another configuration (differs in {diff}); it can only be "
+                         "extended with the same objective, prompts, ablation and candidates")
+    if len(prev.steps) > steps:
+        raise ValueError(f"extend= already has {len(prev.steps)} steps; ask for steps >= {len(prev.steps)}")
+
+
 def _checkpoint_load(path: Path | None, digest: str, label: str) -> dict:
     if path is None or not path.exists():
         return {"digest": digest, "done": [], "partial": {}}
@@ -414,6 +430,7 @@ def search_heads(
     shard: Any = None,
     signed: bool = True,
     mean: torch.Tensor | None = None,
+    extend: SearchResult | None = None,
     _label: str = "search",
 ) -> SearchResult:
     """Exact greedy search for the group of heads whose joint ablation most moves ``objective``.
@@ -451,6 +468,11 @@ def search_heads(
         mean: for ``mode="mean"`` (required there), each head's dataset-mean output
             (:func:`~safetyheads.ablation.head_means`, :func:`~safetyheads.ships.dataset_means`);
             its sha256 is part of the checkpoint's configuration.
+        extend: a finished search with the same configuration and fewer ``steps`` (or as many): its
+            steps and candidate pool are kept and the search goes on from its last head, so ``steps=8``
+            after a 5-step search scores only steps 6–8. Greedy search is prefix-consistent: the
+            result equals an 8-step search run from scratch. A result of another configuration
+            (objective, prompts, mode, ε, candidates, prefilter, refusal tokens, …) is refused.
     Returns:
         :class:`SearchResult`: the heads in the order chosen, every step's candidate scores and
         (with refusal tokens) each chosen head's signed effect on refusal.
@@ -522,6 +544,11 @@ def search_heads(
     digest = _digest(cfg)
     ckpt = Path(checkpoint) if checkpoint else None
     state = _checkpoint_load(ckpt, digest, _label)
+    if extend is not None:
+        _check_extend(extend, cfg, len(cands), steps)
+        if not state["done"] and not state["partial"]:
+            state.update({k: extend.config[k] for k in ("kept", "kept_steps", "stopped") if extend.config.get(k)})
+            state["done"] = [s.to_json() for s in extend.steps]
 
     def save_state() -> None:
         if ckpt is not None:
@@ -632,6 +659,8 @@ def search_heads(
         config["kept_steps"] = state["kept_steps"]
     if "stopped" in state:
         config["stopped"] = state["stopped"]
+    if extend is not None:
+        config["extended_from_steps"] = len(extend.steps)
     return SearchResult(chosen, result_steps, config, prov, effects)
 
 
