@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import sys
 import math
 from pathlib import Path
 
@@ -343,18 +344,29 @@ def test_per_query_heads():
         per_query_heads(sr, 0)
 
 
-def test_teacher_forced_kl(tokenizer, model):
+def test_teacher_forced_kl(tokenizer, model, monkeypatch):
+    """Float64: the KL of each head set equals an independent whole-sequence computation (no prefix cache,
+    no padding, every layer run) to 1e-10, one prompt at a time or padded in batches; a set whose lowest
+    head is in layer 1 starts its ablated forward there, on the unablated pass's residual."""
+    ev_mod = sys.modules["safetyheads.evaluate"]  # the module (the package's ``evaluate`` is the function)
+    starts = []
+    real = ev_mod.reuse_residual
+    monkeypatch.setattr(ev_mod, "reuse_residual", lambda m, start, h: starts.append(start) or real(m, start, h))
     responses = generate(model, tokenizer, HARMLESS, max_new_tokens=5, progress=False)
-    kl = teacher_forced_kl(model, tokenizer, HARMLESS, responses, {"none": [], "two": [(0, 1), (1, 2)], "empty": []},
-                           batch_size=1)
-    assert kl["none"] == 0.0 and kl["empty"] == 0.0 and kl["two"] > 0
-    batched = teacher_forced_kl(model, tokenizer, HARMLESS, responses, {"two": [(0, 1), (1, 2)]}, batch_size=2)
-    assert batched["two"] == pytest.approx(kl["two"], rel=1e-10)  # float64: padded batch == one at a time
+    sets = {"none": [], "two": [(0, 1), (1, 2)], "upper": [(1, 2)], "empty": []}
+    kl = teacher_forced_kl(model, tokenizer, HARMLESS, responses, sets, batch_size=1)
+    assert kl["none"] == 0.0 and kl["empty"] == 0.0 and kl["two"] > 0 and kl["upper"] > 0
+    assert sorted(set(starts)) == [0, 1]  # "upper" skipped layer 0
+    batched = teacher_forced_kl(model, tokenizer, HARMLESS, responses, sets, batch_size=2)
+    assert batched == pytest.approx(kl, rel=1e-10)  # float64: padded batch == one at a time
+    starts.clear()
+    whole = teacher_forced_kl(model, tokenizer, HARMLESS, responses, sets, batch_size=2, reuse_lower=False)
+    assert set(starts) == {0} and whole == pytest.approx(kl, rel=1e-10)
     # an independent reference: each prompt + response run whole (no shared prefix cache, no padding)
     from safetyheads import ablate
     from safetyheads.prompts import format_prompts
 
-    total, count = 0.0, 0
+    total, upper, count = 0.0, 0.0, 0
     for text, resp in zip(format_prompts(tokenizer, HARMLESS), responses):
         p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(resp, add_special_tokens=False)["input_ids"] if resp else []
@@ -364,9 +376,13 @@ def test_teacher_forced_kl(tokenizer, model):
             base = torch.log_softmax(model(input_ids=ids).logits[0, -n:], -1)
             with ablate(model, [(0, 1), (1, 2)]):
                 lp = torch.log_softmax(model(input_ids=ids).logits[0, -n:], -1)
+            with ablate(model, [(1, 2)]):
+                up = torch.log_softmax(model(input_ids=ids).logits[0, -n:], -1)
         total += float((base.exp() * (base - lp)).sum())
+        upper += float((base.exp() * (base - up)).sum())
         count += n
     assert kl["two"] == pytest.approx(total / count, rel=1e-10)
+    assert kl["upper"] == pytest.approx(upper / count, rel=1e-10)
 
 
 def test_condition_json_round_trip():

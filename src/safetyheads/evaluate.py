@@ -62,7 +62,7 @@ from .evaluation import (
     attack_success,
     summary_lines,
 )
-from .forward import SharedPrefix, cache_argument, position_ids_from_mask
+from .forward import SharedPrefix, cache_argument, captured_inputs, position_ids_from_mask, reuse_residual
 from .generation import (
     GENERATION_VERSION,
     EvaluationError,
@@ -503,14 +503,18 @@ def teacher_forced_kl(
     batch_size: int = 4,
     progress: bool = False,
     mean: torch.Tensor | None = None,
+    reuse_lower: bool = True,
 ) -> dict[str, float]:
     """Mean per-token KL(unablated ‖ ablated) of next-token distributions along given responses.
 
     Each prompt is formatted, followed by its (unablated) response tokens, and run once unablated
     and once per head set; the KL over the full vocabulary (float64) is averaged over every
     position from the last prompt token through the last response token, token-weighted over all
-    prompts. Returns ``{name: mean KL}`` for each entry of ``head_sets``. ``mean``: for
-    ``mode="mean"`` (required there), the head means (:func:`~safetyheads.ablation.head_means`).
+    prompts. Returns ``{name: mean KL}`` for each entry of ``head_sets`` (0 for an empty set, not
+    run). ``mean``: for ``mode="mean"`` (required there), the head means
+    (:func:`~safetyheads.ablation.head_means`). ``reuse_lower``: a head set's forward starts at its
+    lowest ablated layer, on the unablated pass's residual there (the layers below cannot change;
+    the same KL, exactly so in float64).
     """
     prompts = _check_prompts(prompts, "harmless prompts")
     if len(responses) != len(prompts):
@@ -534,11 +538,13 @@ def teacher_forced_kl(
     count = 0
     dev = _device(model)
     pad = _pad_id(tokenizer, _eos_ids(model, tokenizer, str(getattr(prompt_format, "value", prompt_format))))
+    sets = {name: heads for name, heads in sets.items() if heads}  # an empty set changes nothing: KL 0
+    low = {name: min(layer for layer, _ in heads) if reuse_lower else 0 for name, heads in sets.items()}
     prefixes = {}
     if prefix is not None:
         for name, heads in sets.items():
             with torch.no_grad(), ablate(model, heads, mode=mode_, eps=eps, mean=mean):
-                prefixes[name] = prefix.under(model, 0)
+                prefixes[name] = prefix.under(model, low[name])
     bar = tqdm(total=len(seqs), desc="utility KL", disable=not progress)
     for start in range(0, len(seqs), batch_size):
         chunk = [(s[n_pre:], n) for s, n in seqs[start:start + batch_size]]
@@ -562,16 +568,18 @@ def teacher_forced_kl(
         def past(p, rows=len(chunk)):
             return {} if p is None else {cache_argument(model.forward): p.batch(rows)}
 
-        base = F.log_softmax(model(**inputs, **past(prefix)).logits[:, -keep:].double(), -1)[sel.to(dev)]
+        with captured_inputs(model, layers=set(low.values()) - {0}) as below:  # each set's start, unablated
+            base = F.log_softmax(model(**inputs, **past(prefix)).logits[:, -keep:].double(), -1)[sel.to(dev)]
         count += int(sel.sum())
         for name, heads in sets.items():
-            with ablate(model, heads, mode=mode_, eps=eps, mean=mean):
+            with ablate(model, heads, mode=mode_, eps=eps, mean=mean), reuse_residual(model, low[name], below[low[name]]):
                 lp = F.log_softmax(model(**inputs, **past(prefixes.get(name))).logits[:, -keep:].double(),
                                    -1)[sel.to(dev)]
             totals[name] += float(F.kl_div(lp, base, log_target=True, reduction="sum"))
+        del below
         bar.update(len(chunk))
     bar.close()
-    return {name: totals[name] / count for name in sets}
+    return {name: totals[name] / count if name in sets else 0.0 for name in head_sets}
 
 
 # --------------------------------------------------------------------------- drivers

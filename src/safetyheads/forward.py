@@ -23,7 +23,7 @@ import contextlib
 import copy
 import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -119,10 +119,12 @@ def reuse_residual(model: nn.Module, start: int, hidden: torch.Tensor | None) ->
 
 
 @contextlib.contextmanager
-def captured_inputs(model: nn.Module) -> Iterator[list[torch.Tensor | None]]:
-    """Inside the block, ``inputs[l]`` is set to the residual stream entering layer ``l`` on every forward."""
-    layers = get_adapter(model).layers
-    inputs: list[torch.Tensor | None] = [None] * len(layers)
+def captured_inputs(model: nn.Module, layers: Iterable[int] | None = None) -> Iterator[list[torch.Tensor | None]]:
+    """Inside the block, ``inputs[l]`` is set to the residual stream entering layer ``l`` on every
+    forward (only for ``l`` in ``layers`` when given; the others stay None)."""
+    blocks = get_adapter(model).layers
+    inputs: list[torch.Tensor | None] = [None] * len(blocks)
+    which = range(len(blocks)) if layers is None else sorted(set(layers))
 
     def make(i: int):
         def hook(module, args, kwargs):
@@ -130,7 +132,7 @@ def captured_inputs(model: nn.Module) -> Iterator[list[torch.Tensor | None]]:
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [blocks[i].register_forward_pre_hook(make(i), with_kwargs=True) for i in which]
     try:
         yield inputs
     finally:
