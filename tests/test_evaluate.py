@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import sys
 import math
 from pathlib import Path
 
@@ -348,10 +347,9 @@ def test_teacher_forced_kl(tokenizer, model, monkeypatch):
     """Float64: the KL of each head set equals an independent whole-sequence computation (no prefix cache,
     no padding, every layer run) to 1e-10, one prompt at a time or padded in batches; a set whose lowest
     head is in layer 1 starts its ablated forward there, on the unablated pass's residual."""
-    ev_mod = sys.modules["safetyheads.evaluate"]  # the module (the package's ``evaluate`` is the function)
     starts = []
-    real = ev_mod.reuse_residual
-    monkeypatch.setattr(ev_mod, "reuse_residual", lambda m, start, h: starts.append(start) or real(m, start, h))
+    real = ev.reuse_residual
+    monkeypatch.setattr(ev, "reuse_residual", lambda m, start, h: starts.append(start) or real(m, start, h))
     responses = generate(model, tokenizer, HARMLESS, max_new_tokens=5, progress=False)
     sets = {"none": [], "two": [(0, 1), (1, 2)], "upper": [(1, 2)], "empty": []}
     kl = teacher_forced_kl(model, tokenizer, HARMLESS, responses, sets, batch_size=1)

@@ -80,6 +80,13 @@ class Reference:
     def refusal(self, heads) -> float:
         return float((self.logodds(self.z0) - self.logodds(self.read(heads)[1])).mean())
 
+    def refusal_margin(self, heads) -> float:
+        def margin(z):  # greedy: the best refusal token's logit over the best other token's, floored at 0
+            others = torch.ones(z.shape[-1], dtype=torch.bool)
+            others[self.rt] = False
+            return (z[:, self.rt].max(-1).values - z[:, others].max(-1).values).clamp(min=0)
+        return float((margin(self.z0) - margin(self.read(heads)[1])).mean())
+
     def kl(self, heads) -> float:
         p0, p1 = torch.softmax(self.z0, -1), torch.softmax(self.read(heads)[1], -1)
         return float((p0 * (p0.log() - p1.log())).sum(-1).mean())
@@ -91,7 +98,7 @@ class Reference:
         return float(torch.arccos(cos).sum())
 
     def score(self, objective: str, heads) -> float:
-        return getattr(self, objective)(heads)
+        return getattr(self, objective.replace("-", "_"))(heads)
 
 
 def brute_force(ref: Reference, objective: str) -> tuple[dict, dict]:
@@ -109,12 +116,15 @@ def ref(model, tok, rt):
 # --------------------------------------------------------------------------- brute force
 
 
-@pytest.mark.parametrize("objective", ["refusal", "kl", "subspace"])
+@pytest.mark.parametrize("objective", ["refusal", "refusal-margin", "kl", "subspace"])
 def test_greedy_equals_brute_force_over_all_pairs(model, tok, rt, ref, objective):
     """steps=2 over all 12 heads: step 1 picks the best single head and step 2 the best pair that
     contains it, exactly as brute-force scoring of all 12 singles and 66 pairs by direct ablation
     says; every candidate score of both steps equals the brute-force score of its group (1e-9 for
     refusal/KL, 1e-7 rad for the subspace angle — the reference takes arccos, the engine atan2)."""
+    if objective == "refusal-margin":  # the random model's own 3 likeliest first tokens: margins > 0 to take away
+        rt = sorted({int(t) for t in ref.z0.topk(3, -1).indices.flatten()})
+        ref = Reference(model, tok, P6, rt)
     singles, pairs = brute_force(ref, objective)
     first = max(singles, key=singles.get)
     gap = sorted(singles.values(), reverse=True)

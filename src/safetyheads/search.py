@@ -11,6 +11,12 @@ one last-token readout of the prompts):
 ``"refusal"``   the mean *drop* of the refusal log-odds ``log P(refusal-start tokens) − log P(others)``
                 at the last prompt position: the group whose ablation most lowers refusal. Signed —
                 a head whose ablation raises refusal scores below 0.
+``"refusal-margin"`` the mean drop of the greedy refusal margin ``max_{y∈R} z_y − max_{y∉R} z_y``
+                (> 0 exactly when greedy decoding opens with a refusal token), floored at 0: a prompt
+                counts until its greedy first token leaves the refusal tokens, and a group that makes
+                a complying prompt refuse is charged for it. The log-odds can fall while the refusal
+                token stays the most likely one (probability lost to many small alternatives); this
+                objective aims at the prompts greedy decoding actually flips.
 ``"kl"``        the mean KL(unablated ‖ ablated) of the last-position next-token distribution (Ships
                 of a group).
 
@@ -60,12 +66,12 @@ from .forward import (
 from .prompts import format_prompts, pad_left, prompt_token_ids
 from .provenance import atomic_write_text, model_record, prompts_digest, provenance
 from .shards import as_shard, candidate_cost
-from .ships import kl_from_logprobs, refusal_logodds
+from .ships import kl_from_logprobs, refusal_logodds, refusal_margin
 from .subspaces import principal_angles, subspace
 
 log = logging.getLogger("safetyheads")
 
-OBJECTIVES = ("subspace", "refusal", "kl")
+OBJECTIVES = ("subspace", "refusal", "refusal-margin", "kl")
 PREFILTERS = (None, "estimate", "estimate-adaptive", "exact-subset")
 DEFAULT_BATCH_SIZE = 32
 
@@ -328,6 +334,17 @@ class _Refusal:
 
 
 @dataclass
+class _RefusalMargin(_Refusal):
+    """Mean drop of the greedy refusal margin floored at 0 (``max(m₀, 0) − max(m, 0)``) over the prompts."""
+
+    def prepare(self, base: torch.Tensor) -> None:
+        self.base = refusal_margin(base, self.tokens).clamp(min=0)
+
+    def per_prompt(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.base - refusal_margin(logits, self.tokens).clamp(min=0)
+
+
+@dataclass
 class _KL:
     """Mean KL(unablated ‖ ablated) of the last-position next-token distribution over the prompts."""
 
@@ -349,10 +366,10 @@ def _objective(name: str, *, refusal_tokens, rank: int, center: bool, space: str
         if rank < 1:
             raise ValueError("rank must be >= 1")
         return _Subspace(int(rank), bool(center), space)
-    if name == "refusal":
+    if name in ("refusal", "refusal-margin"):
         if refusal_tokens is None:
-            raise ValueError("objective 'refusal' needs refusal_tokens (e.g. evaluate.derive_refusal_tokens)")
-        return _Refusal(_tokens(refusal_tokens))
+            raise ValueError(f"objective {name!r} needs refusal_tokens (e.g. evaluate.derive_refusal_tokens)")
+        return (_Refusal if name == "refusal" else _RefusalMargin)(_tokens(refusal_tokens))
     return _KL()
 
 
@@ -438,11 +455,13 @@ def search_heads(
     Args:
         prompts: the attribution prompts (plain text; formatted with ``prompt_format``).
         objective: ``"subspace"`` (Sahara's generalized Ships; ``rank``, ``center``, ``space``),
-            ``"refusal"`` (mean drop of the refusal log-odds; needs ``refusal_tokens``) or ``"kl"``.
+            ``"refusal"`` (mean drop of the refusal log-odds; needs ``refusal_tokens``),
+            ``"refusal-margin"`` (mean drop of the greedy refusal margin, floored at 0; needs
+            ``refusal_tokens``) or ``"kl"``.
         steps: how many heads to pick.
         candidates: heads to search over (default: all).
         prefilter: ``None`` (every candidate, every step), ``"estimate"`` (keep the ``prefilter_k``
-            best heads of a gradient estimate: the refusal-gradient for ``"refusal"``, the Fisher KL
+            best heads of a gradient estimate: the refusal-gradient for the refusal objectives, the Fisher KL
             estimate otherwise — :func:`~safetyheads.ships.ships_estimate`), ``"estimate-adaptive"``
             (the same at step 1; before every later step the estimate is taken again with the
             heads chosen so far ablated — ``ships_estimate(under=chosen)`` — and that step's pool is
@@ -533,7 +552,7 @@ def search_heads(
                            "prefilter": prefilter, "prefilter_k": prefilter_k}
     if objective == "subspace":
         cfg.update(rank=rank, center=center, space=space)
-    if objective == "refusal":
+    if objective in ("refusal", "refusal-margin"):
         cfg["refusal_tokens"] = rt.tolist()
     if mean is not None:
         cfg["mean_sha256"] = mean_digest(mean)
@@ -695,10 +714,11 @@ def _signed_of(steps: list[SearchStep], chosen: list[Head], objective: str, pref
 
 def _estimate(model, tokenizer, prompts, objective, rt, mode, eps, prompt_format, system_prompt, progress, mean,
               under=None) -> torch.Tensor:
-    """The mean gradient estimate a prefilter ranks by: the refusal drop for ``"refusal"``, Fisher KL otherwise."""
+    """The mean gradient estimate a prefilter ranks by: the refusal log-odds drop for the refusal objectives,
+    Fisher KL otherwise."""
     from .ships import ships_estimate
 
-    if objective == "refusal":
+    if objective in ("refusal", "refusal-margin"):
         return ships_estimate(model, tokenizer, prompts, estimator="refusal-grad", refusal_tokens=rt.tolist(),
                               mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
                               progress=progress, mean=mean, under=under).mean("refusal")

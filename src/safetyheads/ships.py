@@ -186,6 +186,17 @@ def refusal_logodds(logits: torch.Tensor, refusal_tokens: torch.Tensor) -> torch
     return torch.logsumexp(lg.index_select(-1, idx), -1) - torch.logsumexp(lg.masked_fill(in_r, -math.inf), -1)
 
 
+def refusal_margin(logits: torch.Tensor, refusal_tokens: torch.Tensor) -> torch.Tensor:
+    """``max_{y∈R} z_y − max_{y∉R} z_y`` per row (float64): > 0 exactly when greedy decoding's next token is
+    a refusal token. Unlike the log-odds it ignores how the rest of the probability is spread: a model
+    can lose most of ``P(R)`` to many small alternatives and still open with a refusal."""
+    lg = logits.double()
+    idx = refusal_tokens.to(lg.device)
+    in_r = torch.zeros(lg.shape[-1], dtype=torch.bool, device=lg.device)
+    in_r[idx] = True
+    return lg.index_select(-1, idx).amax(-1) - lg.masked_fill(in_r, -math.inf).amax(-1)
+
+
 def _heads_to_score(model, heads: Sequence[Head] | None) -> list[Head]:
     g = get_adapter(model).geometry
     if heads is None:
