@@ -41,6 +41,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -450,10 +451,7 @@ class Bench:
         over = {c.name: c for c in ev.over_refusal}
         util = {u["name"]: u["value"] for u in ev.utility}
         h_base = over.get("harmless-baseline")
-        method_time = {"ships-kl": "ships-kl", "refusal-exact": "ships-kl", "sahara": "sahara",
-                       "refusal-grad": "refusal-grad", "refusal-search": "refusal-search", "mask": "mask",
-                       "refusal-dir": "refusal-dir", "refusal-search-adaptive": "refusal-search-adaptive",
-                       "refusal-search-refused": "refusal-search-refused"}
+        method_time = {"refusal-exact": "ships-kl"}  # the stage that times each method (else its own name)
         rows: list[dict] = []
         for m, by_k in heads.items():
             for k in sorted(by_k):
@@ -462,7 +460,7 @@ class Bench:
                     continue
                 p = c.paired.get("asr", {})
                 o = over.get(f"harmless-{m}-top{k}")
-                t = self.times.get(method_time[m], {})
+                t = self.times.get(method_time.get(m, m), {})
                 rec = {"method": m, "k": k, "heads": [list(h) for h in c.heads], "asr": c.asr,
                        "ci": [c.ci_low, c.ci_high], "delta": c.asr - base.asr, "p_mcnemar": p.get("p_value"),
                        "p_holm": p.get("p_holm"), "flips": [p.get("flipped_to_success"), p.get("flipped_to_refusal")],
@@ -544,7 +542,8 @@ class Bench:
                              f"{'—' if alone is None else f'{alone:+.3f}'} |")
         lines += ["", "Method times: " + ", ".join(f"{k} {v['wall_s'] / 60:.1f} min wall / {v['cpu_s'] / 60:.1f} min "
                                                     f"CPU" for k, v in self.times.items()),
-                  "(2 shared CPU cores, 1 torch thread; wall time depends on the load, CPU time less so. "
+                  f"({os.cpu_count()} shared CPU cores, {a.threads} torch thread(s) in the last call; a resumed "
+                  "stage adds up its calls; wall time depends on the load, CPU time less so. "
                   "refusal-search includes its refusal-gradient prefilter only through refusal-grad.)", "",
                   "Command: `" + " ".join(["python", *sys.argv]) + "`"]
         text = "\n".join(lines) + "\n"
