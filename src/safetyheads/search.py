@@ -392,8 +392,8 @@ def _check_extend(prev: SearchResult, cfg: dict, n_candidates: int, steps: int) 
     old = {k: v for k, v in prev.config.items()
            if k not in ("steps", "kept", "kept_steps", "stopped", "n_candidates", "extended_from_steps")}
     new = {k: v for k, v in cfg.items() if k not in ("steps", "candidates")}
-    norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=list))  # noqa: E731 (tuples → lists)
-    diff = sorted(k for k in set(old) | set(new) if norm(old).get(k) != norm(new).get(k))
+    old, new = (json.loads(json.dumps(d, sort_keys=True, default=list)) for d in (old, new))  # tuples → lists
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if prev.config.get("n_candidates") != n_candidates:
         diff.append("candidates")
     if diff:
