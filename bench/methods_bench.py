@@ -365,6 +365,7 @@ class Bench:
         every = sorted({tuple(h) for c in conds for h in c["heads"]})
         anchor = heads.get("refusal-search") or next(iter(heads.values()))
         anchor_name = "refusal-search" if "refusal-search" in heads else next(iter(heads))
+        self.anchor_name = anchor_name  # the method whose heads' layers the random draws match
         for k, hs in sorted(anchor.items()):
             if k not in self.a.random_ks:
                 continue
@@ -497,7 +498,7 @@ class Bench:
             v = [c.asr for c in cs]
             rand_rec[k] = {"asr": v, "heads": [[list(h) for h in c.heads] for c in cs], "mean": statistics.fmean(v),
                            "min": min(v), "max": max(v), "max_delta": max(v) - base.asr}
-            lines.append(f"| layer-matched random ({len(v)} draws) | {k} | (same layers as refusal-search) | "
+            lines.append(f"| layer-matched random ({len(v)} draws) | {k} | (same layers as {self.anchor_name}) | "
                          f"{statistics.fmean(v):.2f} (min {min(v):.2f}, max {max(v):.2f}; max Δ {max(v) - base.asr:+.2f}) "
                          "| | | | |")
         fixed = [r for r in rows if r["k"] <= 5]
