@@ -78,6 +78,10 @@ METHODS = {
     "refusal-dir": "refusal-direction projection, top k",
 }
 
+#: the searches' keys in ``found`` and their method names
+SEARCHES = {"search": "refusal-search", "search-refused": "refusal-search-refused",
+            "search-margin": "refusal-margin-search", "search-adaptive": "refusal-search-adaptive"}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -337,18 +341,10 @@ class Bench:
             out["sahara"] = {k: list(found["sahara"].heads[:k]) for k in ks}
         if "grad" in found:
             out["refusal-grad"] = {k: found["grad"].dataset_top(k, metric="refusal") for k in ks}
-        if "search" in found:
-            out["refusal-search"] = {k: list(found["search"].heads[:k]) for k in ks + self.a.extra_ks
-                                     if k <= len(found["search"].heads)}
-        if "search-refused" in found:
-            out["refusal-search-refused"] = {k: list(found["search-refused"].heads[:k]) for k in ks + self.a.extra_ks
-                                             if k <= len(found["search-refused"].heads)}
-        if "search-margin" in found:
-            out["refusal-margin-search"] = {k: list(found["search-margin"].heads[:k]) for k in ks + self.a.extra_ks
-                                            if k <= len(found["search-margin"].heads)}
-        if "search-adaptive" in found:
-            out["refusal-search-adaptive"] = {k: list(found["search-adaptive"].heads[:k]) for k in ks + self.a.extra_ks
-                                              if k <= len(found["search-adaptive"].heads)}
+        for key, method in SEARCHES.items():  # a search's top k, also for the extra k it reached
+            if key in found:
+                out[method] = {k: list(found[key].heads[:k]) for k in ks + self.a.extra_ks
+                               if k <= len(found[key].heads)}
         if "mask" in found:
             out["mask"] = {k: found["mask"].top_heads(k) for k in ks}
         if "direction" in found:

@@ -72,6 +72,8 @@ from .subspaces import principal_angles, subspace
 log = logging.getLogger("safetyheads")
 
 OBJECTIVES = ("subspace", "refusal", "refusal-margin", "kl")
+#: the objectives read off the refusal tokens (and prefiltered by the refusal-gradient estimate)
+REFUSAL_OBJECTIVES = ("refusal", "refusal-margin")
 PREFILTERS = (None, "estimate", "estimate-adaptive", "exact-subset")
 DEFAULT_BATCH_SIZE = 32
 
@@ -366,7 +368,7 @@ def _objective(name: str, *, refusal_tokens, rank: int, center: bool, space: str
         if rank < 1:
             raise ValueError("rank must be >= 1")
         return _Subspace(int(rank), bool(center), space)
-    if name in ("refusal", "refusal-margin"):
+    if name in REFUSAL_OBJECTIVES:
         if refusal_tokens is None:
             raise ValueError(f"objective {name!r} needs refusal_tokens (e.g. evaluate.derive_refusal_tokens)")
         return (_Refusal if name == "refusal" else _RefusalMargin)(_tokens(refusal_tokens))
@@ -552,7 +554,7 @@ def search_heads(
                            "prefilter": prefilter, "prefilter_k": prefilter_k}
     if objective == "subspace":
         cfg.update(rank=rank, center=center, space=space)
-    if objective in ("refusal", "refusal-margin"):
+    if objective in REFUSAL_OBJECTIVES:
         cfg["refusal_tokens"] = rt.tolist()
     if mean is not None:
         cfg["mean_sha256"] = mean_digest(mean)
@@ -718,7 +720,7 @@ def _estimate(model, tokenizer, prompts, objective, rt, mode, eps, prompt_format
     Fisher KL otherwise."""
     from .ships import ships_estimate
 
-    if objective in ("refusal", "refusal-margin"):
+    if objective in REFUSAL_OBJECTIVES:
         return ships_estimate(model, tokenizer, prompts, estimator="refusal-grad", refusal_tokens=rt.tolist(),
                               mode=mode, eps=eps, prompt_format=prompt_format, system_prompt=system_prompt,
                               progress=progress, mean=mean, under=under).mean("refusal")

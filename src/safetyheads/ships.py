@@ -176,25 +176,28 @@ def kl_from_logprobs(base_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
     return F.kl_div(lp, base_lp.expand_as(lp), log_target=True, reduction="none").sum(-1)
 
 
-def refusal_logodds(logits: torch.Tensor, refusal_tokens: torch.Tensor) -> torch.Tensor:
-    """``log Σ_{y∈R} p_y − log Σ_{y∉R} p_y`` per row (float64, stable via logsumexp)."""
+def _refusal_split(logits: torch.Tensor, refusal_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (float64) of the refusal tokens, and every logit with the refusal tokens' set to −inf.
+    index_select / masked_fill: no boolean gather over the whole vocabulary (slow on CPU)."""
     lg = logits.double()
     idx = refusal_tokens.to(lg.device)
     in_r = torch.zeros(lg.shape[-1], dtype=torch.bool, device=lg.device)
     in_r[idx] = True
-    # index_select / masked_fill: no boolean gather over the whole vocabulary (slow on CPU)
-    return torch.logsumexp(lg.index_select(-1, idx), -1) - torch.logsumexp(lg.masked_fill(in_r, -math.inf), -1)
+    return lg.index_select(-1, idx), lg.masked_fill(in_r, -math.inf)
+
+
+def refusal_logodds(logits: torch.Tensor, refusal_tokens: torch.Tensor) -> torch.Tensor:
+    """``log Σ_{y∈R} p_y − log Σ_{y∉R} p_y`` per row (float64, stable via logsumexp)."""
+    refusal, others = _refusal_split(logits, refusal_tokens)
+    return torch.logsumexp(refusal, -1) - torch.logsumexp(others, -1)
 
 
 def refusal_margin(logits: torch.Tensor, refusal_tokens: torch.Tensor) -> torch.Tensor:
     """``max_{y∈R} z_y − max_{y∉R} z_y`` per row (float64): > 0 exactly when greedy decoding's next token is
     a refusal token. Unlike the log-odds it ignores how the rest of the probability is spread: a model
     can lose most of ``P(R)`` to many small alternatives and still open with a refusal."""
-    lg = logits.double()
-    idx = refusal_tokens.to(lg.device)
-    in_r = torch.zeros(lg.shape[-1], dtype=torch.bool, device=lg.device)
-    in_r[idx] = True
-    return lg.index_select(-1, idx).amax(-1) - lg.masked_fill(in_r, -math.inf).amax(-1)
+    refusal, others = _refusal_split(logits, refusal_tokens)
+    return refusal.amax(-1) - others.amax(-1)
 
 
 def _heads_to_score(model, heads: Sequence[Head] | None) -> list[Head]:
