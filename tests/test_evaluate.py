@@ -269,6 +269,31 @@ def test_evaluate_conditions_resumes(tokenizer, model, tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_utility_kl_is_stored_and_reused(tokenizer, model, tmp_path, monkeypatch):
+    """The harmless head sets' utility KLs are stored in the output folder: a second evaluation that adds
+    one head set computes the KL of that set alone (teacher_forced_kl sees only it) and returns for the
+    others exactly the stored values, which equal a fresh computation without a folder; other settings
+    (max_new_tokens, hence other unablated responses) compute every set again."""
+    conds = [{"name": "baseline", "method": "baseline", "k": 0, "heads": []},
+             {"name": "a-top2", "method": "a", "k": 2, "heads": [(0, 1), (1, 2)]},
+             {"name": "b-top1", "method": "b", "k": 1, "heads": [(1, 3)]}]
+    seen = []
+    real = ev.teacher_forced_kl
+    monkeypatch.setattr(ev, "teacher_forced_kl", lambda *a, **k: seen.append(sorted(a[4])) or real(*a, **k))
+    kw = dict(out_dir=tmp_path, harmless=HARMLESS, max_new_tokens=4, progress=False, refusal_metric=False)
+    first = evaluate_conditions(model, tokenizer, PROMPTS, conds[:2], **kw)
+    more = conds + [{"name": "c-top1", "method": "c", "k": 1, "heads": [(0, 0)]}]
+    second = evaluate_conditions(model, tokenizer, PROMPTS, more, **kw)
+    fresh = evaluate_conditions(model, tokenizer, PROMPTS, more, **{**kw, "out_dir": None})
+    assert seen == [["harmless-a-top2"], ["harmless-b-top1", "harmless-c-top1"], sorted(
+        ["harmless-a-top2", "harmless-b-top1", "harmless-c-top1"])]
+    assert second.utility[0] == first.utility[0]
+    assert second.utility == fresh.utility
+    seen.clear()
+    evaluate_conditions(model, tokenizer, PROMPTS, more, **{**kw, "max_new_tokens": 3})
+    assert seen == [["harmless-a-top2", "harmless-b-top1", "harmless-c-top1"]]
+
+
 def test_condition_errors(tokenizer, model):
     base = {"name": "b", "method": "baseline", "heads": []}
     with pytest.raises(EvaluationError, match="no prompts"):

@@ -142,6 +142,98 @@ def test_greedy_equals_brute_force_over_all_pairs(model, tok, rt, ref, objective
     assert res.steps[1].score == res.steps[1].scores[second]
 
 
+class PrefixJudge:
+    """Refusal: the answer starts with one of ``prefixes`` (settled as soon as it does)."""
+
+    name = "prefix-judge"
+
+    def __init__(self, prefixes, fail_after: int | None = None):
+        self.prefixes, self.fail_after, self.calls = tuple(prefixes), fail_after, 0
+
+    def refusal_settled(self, response: str) -> bool:
+        return response.startswith(self.prefixes)
+
+    def is_refusal(self, prompts, responses):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt
+        return [self.refusal_settled(r) for r in responses]
+
+
+def greedy_answer(model, tok, ids: torch.Tensor, heads, n: int) -> str:
+    """Greedy decoding by hand: ``n`` full forwards of the growing unpadded sequence, no cache."""
+    eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    new: list[int] = []
+    with torch.no_grad(), ablate(model, list(heads), mode="ua", eps=1e-5):
+        for _ in range(n):
+            nxt = int(model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            new.append(nxt)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_asr_objective_equals_brute_force(model, tok, rt, ref):
+    """objective="asr", steps=2 over all 12 heads: every candidate's score equals the brute-force
+    score of its group — the rise in the share of the 6 prompts whose hand-decoded greedy 3-token
+    answer the judge calls compliant, plus 0.4/6 · tanh(refusal log-odds drop) from direct ablation
+    (1e-9) — and the search picks the best single head, then the best pair containing it. The judge
+    refuses the answers that open like half the unablated ones; the rows end once it is settled."""
+    n_tok = 3
+    answers0 = [greedy_answer(model, tok, ids, (), n_tok) for ids in ref.ids]
+    judge = PrefixJudge(sorted({a[:3] for a in answers0[::2] if a[:3]}))
+    base = sum(not judge.refusal_settled(a) for a in answers0)
+
+    def score(heads) -> float:
+        compliant = sum(not judge.refusal_settled(greedy_answer(model, tok, ids, heads, n_tok)) for ids in ref.ids)
+        return (compliant - base) / 6 + 0.4 / 6 * math.tanh(ref.refusal(heads))
+
+    singles = {h: score([h]) for h in HEADS}
+    first = max(singles, key=singles.get)
+    with_first = {h: score([first, h]) for h in HEADS if h != first}
+    assert len({round(v * 6) for v in [*singles.values(), *with_first.values()]}) > 1  # the ASR term moves
+    res = search_heads(model, tok, P6, objective="asr", steps=2, refusal_tokens=rt, judge=judge,
+                       max_new_tokens=n_tok, progress=False)
+    for h, v in singles.items():
+        assert res.steps[0].scores[h] == pytest.approx(v, abs=1e-9), h
+    for h, v in with_first.items():
+        assert res.steps[1].scores[h] == pytest.approx(v, abs=1e-9), h
+    assert res.heads == [first, max(with_first, key=with_first.get)]
+    assert res.config["judge"] == "prefix-judge" and res.config["max_new_tokens"] == n_tok
+
+
+@pytest.mark.parametrize("batch_size", [6, 18])
+def test_asr_search_resumes_after_interruption(model, tok, rt, tmp_path, batch_size):
+    """An asr search interrupted mid step 2 (the judge raises on its 17th call: the unablated answers,
+    12 step-1 and 3 step-2 candidates) resumes from its checkpoint with an identical result, judging
+    only the 8 candidates left — with one candidate per generation (batch_size 6 = the 6 prompts) and
+    with three generated together (18 rows: the 3 done sit in one chunk)."""
+    words = PrefixJudge(["a", "e", "i", "o", "s", "t"]).prefixes
+    kw = dict(objective="asr", steps=2, refusal_tokens=rt, max_new_tokens=2, progress=False, batch_size=batch_size)
+    full = search_heads(model, tok, P6, judge=PrefixJudge(words), **kw)
+    ckpt = tmp_path / "ck.json"
+    with pytest.raises(KeyboardInterrupt):
+        search_heads(model, tok, P6, judge=PrefixJudge(words, fail_after=16), checkpoint=ckpt,
+                     checkpoint_every_s=0.0, **kw)
+    again = PrefixJudge(words)
+    res = search_heads(model, tok, P6, judge=again, checkpoint=ckpt, **kw)
+    assert res.to_json()["steps"] == full.to_json()["steps"] and res.signed == full.signed
+    assert again.calls == 1 + 8
+
+
+def test_asr_candidates_generated_together_score_as_alone(model, tok, rt):
+    """Candidates generated together in shared batches (batch_size 72: 12 per generation) get the
+    scores they get one at a time (batch_size 6), to 1e-12 in float64, and the same heads."""
+    words = ["a", "e", "i", "o", "s", "t"]
+    kw = dict(objective="asr", steps=2, refusal_tokens=rt, max_new_tokens=3, progress=False)
+    alone = search_heads(model, tok, P6, judge=PrefixJudge(words), batch_size=6, **kw)
+    together = search_heads(model, tok, P6, judge=PrefixJudge(words), batch_size=72, **kw)
+    assert together.heads == alone.heads
+    for a, b in zip(alone.steps, together.steps):
+        assert b.scores == pytest.approx(a.scores, abs=1e-12, rel=0)
+    assert len({round(v * 6) for v in alone.steps[0].scores.values()}) > 1  # the ASR term moves
+
+
 def test_refusal_objective_is_signed(model, tok, rt, ref):
     """The refusal objective keeps the sign: on this model some heads' ablation raises the refusal
     log-odds (negative score), and the search's scores have exactly those signs (brute force)."""
@@ -420,6 +512,9 @@ def test_extend_a_finished_search_equals_a_longer_one(model, tok, rt, monkeypatc
     (dict(prefilter_scores=torch.zeros(2, 2), prefilter="estimate"), "prefilter_scores must be"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(refusal_tokens=[]), "refusal_tokens must be a non-empty"),
+    (dict(objective="asr"), "needs refusal_tokens"),
+    (dict(objective="asr", refusal_tokens=[1], judge="nope"), "judge"),
+    (dict(objective="asr", refusal_tokens=[1], max_new_tokens=0), "max_new_tokens must be >= 1"),
 ])
 def test_bad_arguments_are_rejected(model, tok, kwargs, match):
     """Each bad argument is a ValueError naming it, before any forward pass."""
@@ -501,3 +596,27 @@ def test_single_head_scores_read_every_objective_off_one_pass(model, tok, rt):
     assert len({round(v, 6) for v in got["subspace"].values()}) == len(heads)  # the heads differ
     with pytest.raises(ValueError, match="objective"):
         single_head_scores(model, tok, P6, heads, objectives=("nope",))
+
+
+def test_run_searches_on_attack_success(model, tok, rt, tmp_path, monkeypatch):
+    """A run with ``search="asr"`` (the CLI's ``--search asr``): its search.json is exactly
+    search_heads(objective="asr") with the run's judge, answer length, attribution prompts, refusal
+    tokens, the Ships stage's refusal estimate as prefilter and the generation batch size."""
+    from safetyheads.config import RunConfig
+    from safetyheads.pipeline import EVAL_BATCH_SIZE, Run
+    from safetyheads.ships import ShipsResult
+
+    monkeypatch.setattr(sys.modules["safetyheads.evaluate"], "derive_refusal_tokens", lambda *a, **k: list(rt))
+    cfg = RunConfig(search="asr", n_attribution=3, n_ships_exact=1, n_eval=2, n_harmless=1, max_new_tokens=3,
+                    steps=2, prefilter_k=3, batch_size=4)
+    out = tmp_path / "run"
+    Run(cfg, out, progress=False, model=model, tokenizer=tok).execute(("prompts", "ships", "sahara", "search"))
+    got = SearchResult.load(out / "search.json")
+    attr = json.loads((out / "prompts.json").read_text())["attribution"]
+    est = ShipsResult.load(out / "ships_estimate").refusal.nanmean(0)
+    want = search_heads(model, tok, attr, objective="asr", steps=2, refusal_tokens=rt, judge="keyword:paper",
+                        max_new_tokens=3, prefilter="estimate", prefilter_k=3, prefilter_scores=est,
+                        prompt_format=cfg.stage_format("ships"), batch_size=EVAL_BATCH_SIZE, progress=False)
+    assert got.heads == want.heads and got.to_json()["steps"] == want.to_json()["steps"]
+    assert got.config["objective"] == "asr" and got.config["judge"] == "keyword:paper"
+    assert got.config["max_new_tokens"] == 3

@@ -71,9 +71,11 @@ class RunConfig(BaseModel):
     sahara_preset: Literal["official", "paper"] = "official"
     prefilter: Literal["estimate", "exact-subset", "none"] = "estimate"
     prefilter_k: int = Field(12, ge=1, description="candidates kept by the prefilter")
-    search: Literal["refusal", "kl", "none"] | None = Field(
+    search: Literal["refusal", "asr", "kl", "none"] | None = Field(
         None, description="objective of the exact greedy head search run beside Sahara (same steps and prefilter; "
-                          "None = 'refusal': the heads whose joint ablation most lowers refusal); 'none' skips it")
+                          "None = 'refusal': the heads whose joint ablation most lowers refusal; 'asr': the heads "
+                          "whose joint ablation most raises the judged attack success of greedy answers to the "
+                          "attribution prompts, max_new_tokens long — a generation per candidate); 'none' skips it")
     # evaluation
     judge: str = Field("keyword:paper", description="keyword:paper|gcg|jailbreakbench|harmbench, or llm:MODEL")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated per response (paper: 128)")

@@ -582,6 +582,26 @@ def teacher_forced_kl(
     return {name: totals[name] / count if name in sets else 0.0 for name in head_sets}
 
 
+def _stored_utility(out: Path | None, settings: dict, sets: Mapping[str, Sequence[Head]], compute) -> dict[str, float]:
+    """``compute(sets)`` (the utility KL of each head set), reusing the values ``out/utility_kl.json`` holds
+    for head sets of an earlier call with the same ``settings`` (each set's KL depends only on its own
+    heads, the harmless prompts and their unablated responses) and storing the new ones there."""
+    def key(heads: Sequence[Head]) -> str:
+        return json.dumps(sorted([int(a), int(b)] for a, b in heads))
+
+    path = None if out is None else out / "utility_kl.json"
+    digest = _digest({**settings, "metric": UTILITY_METRIC})
+    stored = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    values: dict[str, float] = stored.get("values", {}) if stored.get("digest") == digest else {}
+    todo = {name: heads for name, heads in sets.items() if key(heads) not in values}
+    if todo:
+        log.info("utility KL: %d head set(s) to compute, %d stored", len(todo), len(sets) - len(todo))
+        values.update({key(todo[name]): v for name, v in compute(todo).items()})
+        if path is not None:
+            atomic_write_text(path, json.dumps({"digest": digest, "values": values}, indent=1))
+    return {name: values[key(heads)] for name, heads in sets.items()}
+
+
 # --------------------------------------------------------------------------- drivers
 
 
@@ -717,9 +737,13 @@ def evaluate_conditions(
         if base is None:
             log.warning("no unablated harmless condition: utility KL skipped")
         elif ablated:
-            kls = teacher_forced_kl(model, tokenizer, harmless_list, base.responses, ablated, mode=mode_, eps=eps,
-                                    prompt_format=fmt, system_prompt=system_prompt,
-                                    batch_size=max(1, min(4, batch_size)), progress=progress, mean=mean)
+            kls = _stored_utility(out, {**settings, "harmless_sha256": prompts_digest(harmless_list),
+                                        "responses_sha256": prompts_digest(base.responses),
+                                        "batch_size": max(1, min(4, batch_size))}, ablated,
+                                  lambda todo: teacher_forced_kl(
+                                      model, tokenizer, harmless_list, base.responses, todo, mode=mode_, eps=eps,
+                                      prompt_format=fmt, system_prompt=system_prompt,
+                                      batch_size=max(1, min(4, batch_size)), progress=progress, mean=mean))
             util = [{"name": name, "metric": UTILITY_METRIC, "value": v} for name, v in kls.items()]
     prov = provenance(model, prompts, prompt_format=prompt_format_info(fmt, system_prompt, tokenizer=tokenizer),
                       mode=mode_.value, eps=eps, seed=seed, judge=_judge_name(judge_),

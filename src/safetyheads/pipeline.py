@@ -319,7 +319,7 @@ class Run:
     def _search_runs(self) -> bool:
         """Whether the search stage has an objective to search on (refusal needs the model's refusal tokens)."""
         obj = self.search_objective
-        return obj is not None and not (obj == "refusal" and self._refusal_tokens() is None)
+        return obj is not None and not (obj in ("refusal", "asr") and self._refusal_tokens() is None)
 
     def stage_search(self) -> None:
         """The exact greedy head search (:func:`safetyheads.search.search_heads`) on ``cfg.search``, with
@@ -330,7 +330,7 @@ class Run:
 
         c, obj = self.cfg, self.search_objective
         rt = self._refusal_tokens()
-        if obj is not None and obj == "refusal" and rt is None:
+        if obj in ("refusal", "asr") and rt is None:
             log.warning("search: the model never refused the attribution prompts, no refusal objective; skipped")
         elif obj is not None and not (self.out / "search.json").exists():
             scores = None  # the ships stage's estimate on the same prompts and format is the "estimate" prefilter
@@ -341,8 +341,10 @@ class Run:
                                mode=c.mode, eps=c.eps, prompt_format=c.stage_format("ships"),
                                system_prompt=c.system_prompt, prefilter=None if c.prefilter == "none" else c.prefilter,
                                prefilter_k=c.prefilter_k, prefilter_scores=scores,
-                               refusal_tokens=rt, batch_size=c.batch_size, checkpoint=self.out / "search.ckpt.json",
-                               progress=self.progress, mean=self._head_means())
+                               refusal_tokens=rt, checkpoint=self.out / "search.ckpt.json",
+                               batch_size=(c.eval_batch_size or EVAL_BATCH_SIZE) if obj == "asr" else c.batch_size,
+                               progress=self.progress, mean=self._head_means(), judge=c.judge,
+                               max_new_tokens=c.max_new_tokens)
             res.save(self.out / "search.json")
             (self.out / "search.ckpt.json").unlink(missing_ok=True)
             (self.out / "heads.json").unlink(missing_ok=True)  # the search's heads may now head the list

@@ -888,9 +888,14 @@ def section_heads(run: RunData) -> str:
     if s is not None:
         cfg = s.config or {}
         out.append(f"<h3>Exact greedy head search: objective <code>{esc(cfg.get('objective'))}</code></h3>")
+        how = ("its greedy answers to the attribution prompts, generated under the ablation and judged "
+               f"(<code>{esc(cfg.get('judge'))}</code>, {esc(cfg.get('max_new_tokens'))} new tokens): the score is "
+               "the rise of the attack-success rate over the unablated model's, ties broken by the refusal "
+               "log-odds drop (0.4/N · tanh(drop))") if cfg.get("objective") == "asr" else (
+               "real ablated forward passes over the attribution prompts (objective <code>refusal</code>: the mean "
+               "drop of the refusal log-odds)")
         out.append("<p>At each step every candidate head is added to the heads chosen so far and the group is "
-                   "scored by real ablated forward passes over the attribution prompts (objective "
-                   "<code>refusal</code>: the mean drop of the refusal log-odds); the best joins.</p>")
+                   f"scored by {how}; the best joins.</p>")
         rows = [[str(i), f"<b>{_fmt_head(st.chosen)}</b>", _g(st.score), _signed_cell(signed_of(run, st.chosen, s)),
                  str(len(st.scores))] for i, st in enumerate(s.steps, 1)]
         out.append(_num_table(["step", "head added", "score of the group", "signed effect alone", "candidates scored"],

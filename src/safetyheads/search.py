@@ -19,6 +19,14 @@ one last-token readout of the prompts):
                 objective aims at the prompts greedy decoding actually flips.
 ``"kl"``        the mean KL(unablated ‖ ablated) of the last-position next-token distribution (Ships
                 of a group).
+``"asr"``       the attack-success rate itself: every candidate group's greedy answers to the
+                attribution prompts are generated (``max_new_tokens``, each row ending once the
+                judge's verdict is settled) and judged (``judge``, default ``keyword:paper``); the
+                score is the rise of the share judged compliant over the unablated model's, ties
+                broken by the refusal log-odds drop (added as ``0.4/N · tanh(drop)``, less than half
+                of one prompt's ``1/N``). It measures what the evaluation measures — the log-odds at
+                the first answer token can fall while greedy decoding still opens a refusal, or opens
+                one in other words — at the cost of a generation per candidate.
 
 Optional utility constraint: with ``harmless`` prompts and ``max_harmless_kl``, a candidate whose
 group moves the harmless prompts' last-position distribution by more than the bound (mean KL) is
@@ -65,15 +73,16 @@ from .forward import (
 )
 from .prompts import format_prompts, pad_left, prompt_token_ids
 from .provenance import atomic_write_text, model_record, prompts_digest, provenance
+from .refusal_metric import _get_judge, _judge_name, _run_judge
 from .shards import as_shard, candidate_cost
 from .ships import kl_from_logprobs, refusal_logodds, refusal_margin
 from .subspaces import principal_angles, subspace
 
 log = logging.getLogger("safetyheads")
 
-OBJECTIVES = ("subspace", "refusal", "refusal-margin", "kl")
+OBJECTIVES = ("subspace", "refusal", "refusal-margin", "kl", "asr")
 #: the objectives read off the refusal tokens (and prefiltered by the refusal-gradient estimate)
-REFUSAL_OBJECTIVES = ("refusal", "refusal-margin")
+REFUSAL_OBJECTIVES = ("refusal", "refusal-margin", "asr")
 PREFILTERS = (None, "estimate", "estimate-adaptive", "exact-subset")
 DEFAULT_BATCH_SIZE = 32
 
@@ -359,6 +368,28 @@ class _KL:
         return float(kl_from_logprobs(self.base, F.log_softmax(logits.double(), dim=-1)).mean())
 
 
+@dataclass
+class _Asr:
+    """Rise of the attack-success rate (share judged compliant) over the unablated model's, ties broken by
+    the refusal log-odds drop (``0.4/N · tanh(mean drop)``)."""
+
+    tokens: torch.Tensor
+    readout: ClassVar[str] = "generation"
+
+    def prepare(self, run) -> None:
+        """``run(head sets) -> [(compliant per prompt, refusal log-odds per prompt)]``; the unablated model's first."""
+        self.run = run
+        compliant, self.base = run([[]])[0]
+        self.base_asr = sum(compliant) / len(compliant)
+
+    def score_many(self, groups: list[list[Head]]) -> list[float]:
+        out = []
+        for compliant, logodds in self.run(groups):
+            n = len(compliant)
+            out.append(sum(compliant) / n - self.base_asr + 0.4 / n * math.tanh(float((self.base - logodds).mean())))
+        return out
+
+
 def _objective(name: str, *, refusal_tokens, rank: int, center: bool, space: str):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose from {list(OBJECTIVES)}")
@@ -371,7 +402,7 @@ def _objective(name: str, *, refusal_tokens, rank: int, center: bool, space: str
     if name in REFUSAL_OBJECTIVES:
         if refusal_tokens is None:
             raise ValueError(f"objective {name!r} needs refusal_tokens (e.g. evaluate.derive_refusal_tokens)")
-        return (_Refusal if name == "refusal" else _RefusalMargin)(_tokens(refusal_tokens))
+        return {"refusal": _Refusal, "refusal-margin": _RefusalMargin, "asr": _Asr}[name](_tokens(refusal_tokens))
     return _KL()
 
 
@@ -450,6 +481,8 @@ def search_heads(
     signed: bool = True,
     mean: torch.Tensor | None = None,
     extend: SearchResult | None = None,
+    judge: Any = "keyword:paper",
+    max_new_tokens: int = 32,
     _label: str = "search",
 ) -> SearchResult:
     """Exact greedy search for the group of heads whose joint ablation most moves ``objective``.
@@ -459,7 +492,9 @@ def search_heads(
         objective: ``"subspace"`` (Sahara's generalized Ships; ``rank``, ``center``, ``space``),
             ``"refusal"`` (mean drop of the refusal log-odds; needs ``refusal_tokens``),
             ``"refusal-margin"`` (mean drop of the greedy refusal margin, floored at 0; needs
-            ``refusal_tokens``) or ``"kl"``.
+            ``refusal_tokens``), ``"kl"`` or ``"asr"`` (the rise of the attack-success rate of greedy
+            answers, ``max_new_tokens`` long, judged by ``judge``; needs ``refusal_tokens`` for its
+            tie-break and prefilter).
         steps: how many heads to pick.
         candidates: heads to search over (default: all).
         prefilter: ``None`` (every candidate, every step), ``"estimate"`` (keep the ``prefilter_k``
@@ -478,7 +513,8 @@ def search_heads(
         harmless, max_harmless_kl: the utility constraint. Each candidate group's mean last-position
             KL on ``harmless`` prompts is recorded; one above ``max_harmless_kl`` is rejected. If
             every remaining candidate is rejected the search stops early (``config["stopped"]``).
-        batch_size: prompts per forward pass (default 32).
+        batch_size: prompts per forward pass (default 32); for ``"asr"``, rows per generation batch, and
+            the candidates of a step are generated ``batch_size // len(prompts)`` at a time.
         reuse: cache the residual stream per layer (memory: layers × prompts × tokens × d).
         checkpoint: a JSON file written atomically after every step and every ``checkpoint_every_s``
             within a step; rerunning the same call resumes from it (bit-identical result). A
@@ -494,6 +530,9 @@ def search_heads(
             after a 5-step search scores only steps 6–8. Greedy search is prefix-consistent: the
             result equals an 8-step search run from scratch. A result of another configuration
             (objective, prompts, mode, ε, candidates, prefilter, refusal tokens, …) is refused.
+        judge, max_new_tokens: for ``objective="asr"``: the judge (a name for
+            :func:`~safetyheads.judges.get_judge` or an object with ``is_refusal``; one with
+            ``refusal_settled`` ends each row once its verdict is settled) and the answer length.
     Returns:
         :class:`SearchResult`: the heads in the order chosen, every step's candidate scores and
         (with refusal tokens) each chosen head's signed effect on refusal.
@@ -536,6 +575,11 @@ def search_heads(
     if harmless is not None and len(harmless) == 0:
         raise ValueError("harmless is empty: give harmless prompts or None")
     rt = None if refusal_tokens is None else _tokens(refusal_tokens)
+    judge_ = None
+    if objective == "asr":
+        judge_ = _get_judge(judge)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -556,6 +600,8 @@ def search_heads(
         cfg.update(rank=rank, center=center, space=space)
     if objective in REFUSAL_OBJECTIVES:
         cfg["refusal_tokens"] = rt.tolist()
+    if judge_ is not None:
+        cfg.update(judge=_judge_name(judge_), max_new_tokens=int(max_new_tokens))
     if mean is not None:
         cfg["mean_sha256"] = mean_digest(mean)
     if h_texts is not None:
@@ -577,20 +623,30 @@ def search_heads(
 
     t0 = time.perf_counter()
     shared = mode is not Mode.UA_LIMIT  # ua-limit is prefill-only: no prefix cache
-    reps = _Residuals(model, tokenizer, texts, bs, reuse, obj.readout, mean=mean, shared_prefix=shared)
-    obj.prepare(reps.base)
+    reps = None
+    if obj.readout == "generation":
+        obj.prepare(_answers(model, tokenizer, list(prompts), judge_, rt, mode=mode, eps=eps,
+                             prompt_format=prompt_format, system_prompt=system_prompt,
+                             max_new_tokens=int(max_new_tokens), batch_size=bs, mean=mean))
+    else:
+        reps = _Residuals(model, tokenizer, texts, bs, reuse, obj.readout, mean=mean, shared_prefix=shared)
+        obj.prepare(reps.base)
     harm = None
     if h_texts is not None:
         harm = _Residuals(model, tokenizer, h_texts, bs, reuse, "logits", mean=mean, shared_prefix=shared)
         harm_kl = _KL()
         harm_kl.prepare(harm.base)
 
-    def evaluate(heads: list[Head]) -> float | list[float]:
-        strength = heads_to_strength(model, [heads])
-        s = obj.score(reps.ablated(strength, mode, eps))
+    def evaluate(groups: list[list[Head]]) -> list[float | list[float]]:
+        strengths = [heads_to_strength(model, [heads]) for heads in groups]
+        vals = obj.score_many(groups) if reps is None else [obj.score(reps.ablated(st, mode, eps)) for st in strengths]
         if harm is None:
-            return s
-        return [s, harm_kl.score(harm.ablated(strength, mode, eps))]
+            return vals
+        return [[v, harm_kl.score(harm.ablated(st, mode, eps))] for v, st in zip(vals, strengths)]
+
+    # candidates scored together: for "asr" as many as fill a generation batch of `bs` rows (always the
+    # same slices of the step's candidates, so a resumed step batches them as the first run did)
+    per = max(1, bs // len(prompts)) if reps is None else 1
 
     # prefilter: restrict the candidates once, recorded in the checkpoint
     if prefilter and "kept" not in state:
@@ -615,7 +671,8 @@ def search_heads(
             pool = chosen + [tuple(h) for h in kept_steps[str(step)]]
         if chosen:  # reuse the residual of the model with the chosen heads ablated below each candidate
             strength = heads_to_strength(model, [chosen])
-            reps.rebase(strength, mode, eps)
+            if reps is not None:
+                reps.rebase(strength, mode, eps)
             if harm is not None:
                 harm.rebase(strength, mode, eps)
         partial = {tuple(json.loads(k)): v for k, v in state["partial"].items()}
@@ -632,17 +689,19 @@ def search_heads(
             bar.refresh()
             for h in todo:
                 if h in mine:
-                    partial[h] = evaluate(chosen + [h])
+                    partial[h] = evaluate([chosen + [h]])[0]
                     shard.record(h, partial[h])
                     bar.update(1)
             bar.close()
             partial.update(shard.gather())
             partial = dict(sorted(partial.items()))  # the same order on every process
             todo = []
+        rest = [h for h in pool if h not in chosen]
+        chunks = [c for c in (rest[i:i + per] for i in range(0, len(rest), per)) if any(h in todo for h in c)]
         try:
-            for h in todo:
-                partial[h] = evaluate(chosen + [h])
-                bar.update(1)
+            for chunk in chunks:
+                partial.update(zip(chunk, evaluate([chosen + [h] for h in chunk])))
+                bar.update(len(chunk))
                 if time.perf_counter() - last_save > checkpoint_every_s:
                     state["partial"] = {json.dumps(list(k)): v for k, v in partial.items()}
                     save_state()
@@ -683,6 +742,27 @@ def search_heads(
     if extend is not None:
         config["extended_from_steps"] = len(extend.steps)
     return SearchResult(chosen, result_steps, config, prov, effects)
+
+
+def _answers(model, tokenizer, prompts: list[str], judge, rt: torch.Tensor, **gen_kw: Any):
+    """For the ``"asr"`` objective: ``run(head sets) -> [(compliant per prompt, refusal log-odds per prompt)]``
+    from greedy answers under the ablation of each head set, all generated in shared batches (each row
+    ends once ``judge`` settles it)."""
+    from .generation import StopRule, generate_and_score
+
+    settled = getattr(judge, "refusal_settled", None)
+    stop = StopRule(f"{_judge_name(judge)}: refusal phrase", settled) if callable(settled) else None
+
+    def run(groups: list[list[Head]]) -> list[tuple[list[bool], torch.Tensor]]:
+        jobs = [{"prompts": prompts, "heads": list(g)} | ({"stop": stop} if stop else {}) for g in groups]
+        ids, scores = generate_and_score(model, tokenizer, jobs, refusal_tokens=rt.tolist(), progress=False, **gen_kw)
+        out = []
+        for job_ids, job_scores in zip(ids, scores):
+            refused = _run_judge(judge, prompts, [tokenizer.decode(t, skip_special_tokens=True) for t in job_ids])
+            out.append(([not r for r in refused], torch.tensor([lo for _, lo in job_scores], dtype=torch.float64)))
+        return out
+
+    return run
 
 
 def _choose(partial: dict[Head, Any], constrained: bool, bound: float | None) -> dict | None:
@@ -796,6 +876,9 @@ def single_head_scores(
     objectives = list(dict.fromkeys(objectives))
     if not objectives:
         raise ValueError("no objectives given")
+    if "asr" in objectives:
+        raise ValueError("objective 'asr' generates and judges answers: score single heads with "
+                         "search_heads(objective='asr', steps=1) or evaluate()")
     objs = {o: _objective(o, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space) for o in objectives}
     if len(prompts) == 0:
         raise ValueError("no prompts given")
