@@ -17,6 +17,10 @@ AdvBench prompts never used for choosing them (``holdout_split``, disjoint). Met
 * ``refusal-search-refused``  the same search (and its refusal-gradient prefilter) on only the
                       attribution prompts whose unablated greedy answer the judge calls a refusal: the
                       mean drop then counts only prompts where a drop can flip a verdict;
+* ``refusal-margin-search``  the same search on the greedy refusal margin (``objective="refusal-margin"``);
+* ``asr-search``      the same search on the attack-success rate itself (``objective="asr"``): each
+                      candidate's greedy answers to the attribution prompts generated (``--max-new-tokens``)
+                      and judged (``--judge``), as the evaluation does; ``--asr-steps`` steps;
 * ``mask``            learned sparse head masks (:mod:`safetyheads.masks`), if present;
 * ``refusal-dir``     heads with the largest direct write onto the refusal direction
                       (:mod:`safetyheads.refusal_direction`), if present.
@@ -25,7 +29,8 @@ For each method and k: ASR on the held-out prompts (greedy, ``--max-new-tokens``
 ``--judge``) with the paired exact McNemar p against the unablated baseline, over-refusal on
 ``--n-harmless`` harmless prompts, and the teacher-forced KL along the unablated harmless answers;
 the method's wall and CPU time. Controls: ``--random-draws`` layer-matched random head sets
-(same layers as the refusal search's heads, excluding every method's heads) at each k.
+(same layers as the heads of each method of ``--random-for``, default the refusal search; excluding
+every method's heads) at each k of ``--random-ks``.
 All generation goes through ``evaluate_conditions`` (cached per condition in ``--out``).
 A per-head table (``disagreement.json``) shows why the methods disagree.
 
