@@ -128,6 +128,12 @@ def test_every_json_artifact_has_provenance(run):
         assert c["prompts_sha256"] == prompts_digest(texts), f.name
         assert (c["mode"], c["eps"], c["prompt_format"]["format"]) == (cfg["mode"], cfg["eps"], stage_format("eval"))
         seen.add(str(f.relative_to(run)))
+    if (run / "utility_kl.json").exists():  # the stored utility KLs: their key names the model, ablation and prompts
+        u = _json(run / "utility_kl.json")["config"]
+        _check_model(u["model"], "utility_kl.json")
+        assert u["harmless_sha256"] == prompts_digest(harmless)
+        assert (u["mode"], u["eps"], u["prompt_format"]["format"]) == (cfg["mode"], cfg["eps"], stage_format("eval"))
+        seen.add("utility_kl.json")
     for name, inputs in DERIVED.items():
         if (run / name).exists():
             assert all(name in seen or (run / i).exists() for i in inputs)

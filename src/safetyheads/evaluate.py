@@ -598,7 +598,7 @@ def _stored_utility(out: Path | None, settings: dict, sets: Mapping[str, Sequenc
         log.info("utility KL: %d head set(s) to compute, %d stored", len(todo), len(sets) - len(todo))
         values.update({key(todo[name]): v for name, v in compute(todo).items()})
         if path is not None:
-            atomic_write_text(path, json.dumps({"digest": digest, "values": values}, indent=1))
+            atomic_write_text(path, json.dumps({"digest": digest, "config": settings, "values": values}, indent=1))
     return {name: values[key(heads)] for name, heads in sets.items()}
 
 
