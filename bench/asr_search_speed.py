@@ -16,17 +16,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from speed_common import alternate, finish, ratios, timing_row
 
 from safetyheads.datasets import load_prompts
 from safetyheads.models import load_model
-from safetyheads.provenance import library_versions
 from safetyheads.refusal_metric import derive_refusal_tokens
 from safetyheads.search import search_heads
 
@@ -57,31 +53,19 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(a.model)
     prompts = list(load_prompts(a.dataset, n=a.n_prompts, seed=0))
     rt = derive_refusal_tokens(model, tok, prompts, max_new_tokens=8)
-    paths = {"alone": len(prompts), "together": a.together * len(prompts)}
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
-    found = {}
-    for _ in range(a.repeats):
-        for name, bs in paths.items():
-            w, c = time.perf_counter(), time.process_time()
-            found[name] = search_heads(model, tok, prompts, objective="asr", steps=1, mode=a.mode, candidates=heads,
-                                       refusal_tokens=rt, max_new_tokens=a.max_new_tokens, batch_size=bs,
-                                       signed=False, progress=False)
-            times[name].append((time.perf_counter() - w, time.process_time() - c))
+    batch = {"alone": len(prompts), "together": a.together * len(prompts)}
+    paths = {name: (lambda bs=bs: search_heads(model, tok, prompts, objective="asr", steps=1, mode=a.mode,
+                                               candidates=heads, refusal_tokens=rt, max_new_tokens=a.max_new_tokens,
+                                               batch_size=bs, signed=False, progress=False))
+             for name, bs in batch.items()}
+    times, found = alternate(paths, a.repeats)
     s0, s1 = found["alone"].steps[0].scores, found["together"].steps[0].scores
     diff = max(abs(s0[h] - s1[h]) for h in heads)
-
-    def stat(name: str, i: int) -> tuple[float, float]:
-        xs = [t[i] for t in times[name]]
-        return min(xs), statistics.median(xs)
-
-    rows = []
-    for name, label in (("alone", "one candidate per generation"),
-                        ("together", f"{a.together} candidates per generation")):
-        (wmin, wmed), (cmin, cmed) = stat(name, 0), stat(name, 1)
-        rows.append(f"| {label} (batch {paths[name]} rows) | {wmin:.1f} | {wmed:.1f} | {cmin:.1f} | {cmed:.1f} | "
-                    f"L{found[name].heads[0][0]}H{found[name].heads[0][1]} |")
-    ratio_wall = stat("alone", 0)[1] / stat("together", 0)[1]
-    ratio_cpu = stat("alone", 1)[1] / stat("together", 1)[1]
+    ratio_wall, ratio_cpu = ratios(times, "alone", "together")
+    rows = [timing_row(f"{label} (batch {batch[name]} rows)", times[name],
+                       f"L{found[name].heads[0][0]}H{found[name].heads[0][1]}")
+            for name, label in (("alone", "one candidate per generation"),
+                                ("together", f"{a.together} candidates per generation"))]
     lines = [f"# Attack-success search step — {a.model}", "",
              f"{len(prompts)} `{a.dataset}` prompts, {len(heads)} candidates ({a.heads}), mode {a.mode}, greedy "
              f"{a.max_new_tokens} new tokens judged by keyword:paper (rows end once a refusal phrase appears), "
@@ -90,17 +74,11 @@ def main(argv: list[str] | None = None) -> None:
              "| path | wall min (s) | wall median (s) | CPU min (s) | CPU median (s) | head chosen |",
              "|---|---|---|---|---|---|", *rows, "",
              f"Median ratio alone / together: **{ratio_wall:.2f}× wall, {ratio_cpu:.2f}× CPU**. Largest difference "
-             f"of a candidate's score between the paths: {diff:.1e} (float32).", "",
-             "Command: `" + " ".join(["python", *sys.argv]) + "`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.write_text(text)
-        a.out.with_suffix(".json").write_text(json.dumps(
-            {"args": {k: str(v) for k, v in vars(a).items()}, "times": times,
-             "scores": {k: {f"{h[0]}.{h[1]}": v for h, v in r.steps[0].scores.items()} for k, r in found.items()},
-             "ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu, "max_diff": diff, "versions": library_versions()},
-            indent=2))
+             f"of a candidate's score between the paths: {diff:.1e} (float32)."]
+    finish(lines, a.out, {"args": {k: str(v) for k, v in vars(a).items()}, "times": times,
+                          "scores": {k: {f"{h[0]}.{h[1]}": v for h, v in r.steps[0].scores.items()}
+                                     for k, r in found.items()},
+                          "ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu, "max_diff": diff})
 
 
 if __name__ == "__main__":

@@ -15,19 +15,15 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from speed_common import alternate, finish, ratios, timing_row
 
 from safetyheads.datasets import load_prompts
 from safetyheads.evaluate import teacher_forced_kl
 from safetyheads.generation import generate
 from safetyheads.models import load_model
-from safetyheads.provenance import library_versions
 
 #: two head sets of the 0.5B default run: the refusal search's top-3 and Sahara's top-3
 DEFAULT_SETS = "10.7,14.10,7.13;11.7,10.11,14.11"
@@ -56,43 +52,23 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(a.model)
     prompts = list(load_prompts(a.harmless, n=a.n_prompts, seed=0))
     answers = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, progress=False)
-    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    kls: dict[bool, dict[str, float]] = {}
-    for _ in range(a.repeats):
-        for reuse in (False, True):
-            w, c = time.perf_counter(), time.process_time()
-            kls[reuse] = teacher_forced_kl(model, tok, prompts, answers, sets, batch_size=a.batch_size,
-                                           reuse_lower=reuse)
-            times[reuse].append((time.perf_counter() - w, time.process_time() - c))
-    diff = max(abs(kls[True][n] - kls[False][n]) / max(abs(kls[False][n]), 1e-30) for n in sets)
-
-    def stat(reuse: bool, i: int) -> tuple[float, float]:
-        xs = [t[i] for t in times[reuse]]
-        return min(xs), statistics.median(xs)
-
-    rows = []
-    for reuse, name in ((False, "every layer (reuse_lower=False)"), (True, "from the lowest ablated layer")):
-        (wmin, wmed), (cmin, cmed) = stat(reuse, 0), stat(reuse, 1)
-        rows.append(f"| {name} | {wmin:.1f} | {wmed:.1f} | {cmin:.1f} | {cmed:.1f} |")
-    ratio_wall = stat(False, 0)[1] / stat(True, 0)[1]
-    ratio_cpu = stat(False, 1)[1] / stat(True, 1)[1]
+    paths = {name: (lambda reuse=reuse: teacher_forced_kl(model, tok, prompts, answers, sets, batch_size=a.batch_size,
+                                                          reuse_lower=reuse))
+             for name, reuse in (("every", False), ("lowest", True))}
+    times, kls = alternate(paths, a.repeats)
+    diff = max(abs(kls["lowest"][n] - kls["every"][n]) / max(abs(kls["every"][n]), 1e-30) for n in sets)
+    ratio_wall, ratio_cpu = ratios(times, "every", "lowest")
     lines = [f"# Teacher-forced harmless KL — {a.model}", "",
              f"{len(prompts)} `{a.harmless}` prompts with the model's own greedy answers ({a.max_new_tokens} new "
              f"tokens), {len(sets)} head sets ({a.sets}), batch {a.batch_size}, {a.threads} torch threads, "
              f"{a.repeats} alternating repeats.", "",
              "| path | wall min (s) | wall median (s) | CPU min (s) | CPU median (s) |", "|---|---|---|---|---|",
-             *rows, "",
+             timing_row("every layer (reuse_lower=False)", times["every"]),
+             timing_row("from the lowest ablated layer", times["lowest"]), "",
              f"Median ratio every-layer / from-lowest: **{ratio_wall:.2f}× wall, {ratio_cpu:.2f}× CPU**. "
-             f"Largest relative KL difference between the paths: {diff:.1e} (float32).", "",
-             "Command: `" + " ".join(["python", *sys.argv]) + "`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.write_text(text)
-        a.out.with_suffix(".json").write_text(json.dumps(
-            {"args": {k: str(v) for k, v in vars(a).items()}, "times": {str(k): v for k, v in times.items()},
-             "kl": {str(k): v for k, v in kls.items()}, "ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu,
-             "max_rel_diff": diff, "versions": library_versions()}, indent=2))
+             f"Largest relative KL difference between the paths: {diff:.1e} (float32)."]
+    finish(lines, a.out, {"args": {k: str(v) for k, v in vars(a).items()}, "times": times, "kl": kls,
+                          "ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu, "max_rel_diff": diff})
 
 
 if __name__ == "__main__":
