@@ -221,6 +221,19 @@ def test_asr_search_resumes_after_interruption(model, tok, rt, tmp_path, batch_s
     assert again.calls == 1 + 8
 
 
+def test_asr_exact_subset_prefilter_uses_the_searchs_judge(model, tok, rt):
+    """An asr search's exact-subset prefilter scores the candidates with the search's own judge and
+    answer length: on 6 prompts (the subset is all of them) its pool is the 5 best step-1 scores of an
+    asr search without prefilter, and the judge is called for the prefilter's 1 + 12 answer sets."""
+    words = ["a", "e", "i", "o", "s", "t"]
+    kw = dict(objective="asr", steps=1, refusal_tokens=rt, max_new_tokens=3, progress=False)
+    scores = search_heads(model, tok, P6, judge=PrefixJudge(words), **kw).steps[0].scores
+    judge = PrefixJudge(words)
+    res = search_heads(model, tok, P6, judge=judge, prefilter="exact-subset", prefilter_k=5, **kw)
+    assert res.config["kept"] == [list(h) for h in sorted(HEADS, key=lambda h: -scores[h])[:5]]
+    assert judge.calls == (1 + 12) + (1 + 5)
+
+
 def test_asr_candidates_generated_together_score_as_alone(model, tok, rt):
     """Candidates generated together in shared batches (batch_size 72: 12 per generation) get the
     scores they get one at a time (batch_size 6), to 1e-12 in float64, and the same heads."""

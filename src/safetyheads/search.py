@@ -652,7 +652,8 @@ def search_heads(
     if prefilter and "kept" not in state:
         state["kept"] = [list(h) for h in _prefilter(
             model, tokenizer, prompts, cands, prefilter, prefilter_k, objective, rt, mode, eps, rank, center, space,
-            prompt_format, system_prompt, bs, progress, shard, prefilter_scores, _label, mean)]
+            prompt_format, system_prompt, bs, progress, shard, prefilter_scores, _label, mean,
+            judge=judge_ if judge_ is not None else judge, max_new_tokens=max_new_tokens)]
         save_state()
     pool = [tuple(h) for h in state["kept"]] if prefilter else cands
 
@@ -817,7 +818,8 @@ def _adaptive_pool(model, tokenizer, prompts, cands, chosen, k, objective, rt, m
 
 
 def _prefilter(model, tokenizer, prompts, cands, how, k, objective, rt, mode, eps, rank, center, space, prompt_format,
-               system_prompt, batch_size, progress, shard=None, scores=None, label="search", mean=None) -> list[Head]:
+               system_prompt, batch_size, progress, shard=None, scores=None, label="search", mean=None,
+               judge: Any = "keyword:paper", max_new_tokens: int = 32) -> list[Head]:
     """The ``k`` most promising candidates (see :func:`search_heads`)."""
     if len(cands) <= k:
         return list(cands)
@@ -833,7 +835,7 @@ def _prefilter(model, tokenizer, prompts, cands, how, k, objective, rt, mode, ep
                            refusal_tokens=None if rt is None else rt.tolist(), rank=rank, center=center, space=space,
                            prompt_format=prompt_format, system_prompt=system_prompt, candidates=cands,
                            batch_size=batch_size, progress=progress, shard=shard, signed=False, mean=mean,
-                           _label=label)
+                           judge=judge, max_new_tokens=max_new_tokens, _label=label)
         vals = res.steps[0].scores
     return sorted(cands, key=lambda h: -vals[h])[:k]
 
