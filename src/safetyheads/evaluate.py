@@ -737,13 +737,14 @@ def evaluate_conditions(
         if base is None:
             log.warning("no unablated harmless condition: utility KL skipped")
         elif ablated:
+            kl_batch = max(1, min(4, batch_size))
             kls = _stored_utility(out, {**settings, "harmless_sha256": prompts_digest(harmless_list),
                                         "responses_sha256": prompts_digest(base.responses),
-                                        "batch_size": max(1, min(4, batch_size))}, ablated,
+                                        "batch_size": kl_batch}, ablated,
                                   lambda todo: teacher_forced_kl(
                                       model, tokenizer, harmless_list, base.responses, todo, mode=mode_, eps=eps,
-                                      prompt_format=fmt, system_prompt=system_prompt,
-                                      batch_size=max(1, min(4, batch_size)), progress=progress, mean=mean))
+                                      prompt_format=fmt, system_prompt=system_prompt, batch_size=kl_batch,
+                                      progress=progress, mean=mean))
             util = [{"name": name, "metric": UTILITY_METRIC, "value": v} for name, v in kls.items()]
     prov = provenance(model, prompts, prompt_format=prompt_format_info(fmt, system_prompt, tokenizer=tokenizer),
                       mode=mode_.value, eps=eps, seed=seed, judge=_judge_name(judge_),

@@ -318,19 +318,21 @@ class Run:
 
     def _search_runs(self) -> bool:
         """Whether the search stage has an objective to search on (refusal needs the model's refusal tokens)."""
+        from .search import REFUSAL_OBJECTIVES
+
         obj = self.search_objective
-        return obj is not None and not (obj in ("refusal", "asr") and self._refusal_tokens() is None)
+        return obj is not None and not (obj in REFUSAL_OBJECTIVES and self._refusal_tokens() is None)
 
     def stage_search(self) -> None:
         """The exact greedy head search (:func:`safetyheads.search.search_heads`) on ``cfg.search``, with
         Sahara's steps and prefilter (for ``"refusal"`` the refusal-gradient estimate of the ships stage is
         the ``estimate`` prefilter); then the per-head tables of every method's heads."""
-        from .search import search_heads
+        from .search import REFUSAL_OBJECTIVES, search_heads
         from .ships import ShipsResult
 
         c, obj = self.cfg, self.search_objective
         rt = self._refusal_tokens()
-        if obj in ("refusal", "asr") and rt is None:
+        if obj in REFUSAL_OBJECTIVES and rt is None:
             log.warning("search: the model never refused the attribution prompts, no refusal objective; skipped")
         elif obj is not None and not (self.out / "search.json").exists():
             scores = None  # the ships stage's estimate on the same prompts and format is the "estimate" prefilter
