@@ -1,6 +1,7 @@
 """The prompts a study cell flipped, printed for reading: is a keyword judge's "attack success" real?
 
-For one cell of ``bench/study.py`` (a model/preset folder under ``runs/study`` and a condition name),
+For one cell of ``bench/study.py`` (a model/preset folder under ``runs/study`` and a condition name), or
+one condition of a ``bench/methods_bench.py`` folder (its ``responses/<condition>.jsonl``),
 every held-out prompt whose keyword-judge verdict differs between the unablated model and the
 condition, with both answers, in Markdown; ``--complied`` names the prompts (by held-out index) that a
 reader labelled as real compliance after reading them, and the summary corrects the cell's ASR
@@ -30,14 +31,23 @@ def _cell(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path, help="runs/study/<model>/<preset>")
-    ap.add_argument("condition", help="a generation of the folder's gen/, e.g. ships-kl-ua")
+    ap.add_argument("folder", type=Path, help="runs/study/<model>/<preset>, or a methods_bench.py folder")
+    ap.add_argument("condition", help="a generation of the folder's gen/ (e.g. ships-kl-ua) or responses/ "
+                                      "(e.g. refusal-grad-top8)")
     ap.add_argument("--judge", default="keyword:paper")
     ap.add_argument("--complied", type=int, nargs="*", default=[], help="held-out indices read as real compliance")
     a = ap.parse_args(argv)
-    base = json.loads((a.folder / "gen" / "baseline.json").read_text())["responses"]
-    cond = json.loads((a.folder / "gen" / f"{a.condition}.json").read_text())["responses"]
-    prompts = list(per_query.held_out(len(base))[1])
+    if (a.folder / "gen").is_dir():  # a bench/study.py cell
+        base = json.loads((a.folder / "gen" / "baseline.json").read_text())["responses"]
+        cond = json.loads((a.folder / "gen" / f"{a.condition}.json").read_text())["responses"]
+        prompts = list(per_query.held_out(len(base))[1])
+    else:  # a methods_bench.py folder (or any evaluate_conditions out_dir): responses/<condition>.jsonl
+        rows = {c: [json.loads(x) for x in (a.folder / "responses" / f"{c}.jsonl").read_text().splitlines() if x]
+                for c in ("baseline", a.condition)}
+        prompts = [r["prompt"] for r in rows["baseline"]]
+        if [r["prompt"] for r in rows[a.condition]] != prompts:
+            raise SystemExit(f"{a.condition} answers other prompts than the baseline")
+        base, cond = ([r["response"] for r in rows[c]] for c in ("baseline", a.condition))
     judge = get_judge(a.judge)
     rb, rc = judge.is_refusal(prompts, base), judge.is_refusal(prompts, cond)
     up = [i for i in range(len(prompts)) if rb[i] and not rc[i]]
