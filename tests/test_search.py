@@ -19,7 +19,14 @@ from tiny_lm import PROMPTS, refusal_ids, smol_tokenizer, tiny_lm
 
 from safetyheads import ablate, sahara
 from safetyheads.prompts import encode_prompts, format_prompts
-from safetyheads.search import SearchResult, head_scores, search_heads, signed_effects, single_head_scores
+from safetyheads.search import (
+    SearchResult,
+    group_scores,
+    head_scores,
+    search_heads,
+    signed_effects,
+    single_head_scores,
+)
 from safetyheads.ships import ships
 
 search_mod = sys.modules["safetyheads.search"]
@@ -140,6 +147,45 @@ def test_greedy_equals_brute_force_over_all_pairs(model, tok, rt, ref, objective
         assert res.steps[1].scores[h] == pytest.approx(v, abs=tol), h
     assert set(res.steps[1].scores) == set(HEADS) - {first}
     assert res.steps[1].score == res.steps[1].scores[second]
+
+
+@pytest.mark.parametrize("objective", ["refusal", "kl", "subspace"])
+def test_group_scores_equal_brute_force_for_any_groups(model, tok, rt, ref, objective):
+    """group_scores on groups no greedy path need pass through — all 4 triples of layer 1's heads, a
+    cross-layer triple, the empty group — equals direct ablation of each whole group (1e-9; 1e-7 rad
+    for the subspace angle), and a pair the search reached at step 2 gets the search's own score."""
+    groups = [list(c) for c in itertools.combinations([(1, h) for h in range(4)], 3)] + [[(0, 1), (1, 2), (2, 3)], []]
+    got = group_scores(model, tok, P6, groups, objective=objective, refusal_tokens=rt)
+    tol = 1e-7 if objective == "subspace" else 1e-9
+    for grp, v in zip(groups, got):
+        assert v == pytest.approx(ref.score(objective, grp), abs=tol), grp
+    res = search_heads(model, tok, P6, objective=objective, steps=2, refusal_tokens=rt, progress=False)
+    pair = list(res.heads)
+    assert group_scores(model, tok, P6, [pair], objective=objective, refusal_tokens=rt)[0] == pytest.approx(
+        res.steps[1].score, abs=tol)
+
+
+def test_group_scores_asr_equals_the_searchs_scores(model, tok, rt):
+    """For objective="asr" the groups' answers are generated in shared batches (72 rows: 12 groups per
+    generation): the scores of all 12 single heads equal an asr search's step-1 scores (1e-12), and a
+    group of three gets the score the asr search gives it at step 3."""
+    words = ["a", "e", "i", "o", "s", "t"]
+    kw = dict(objective="asr", refusal_tokens=rt, max_new_tokens=3)
+    res = search_heads(model, tok, P6, judge=PrefixJudge(words), steps=3, progress=False, **kw)
+    singles = group_scores(model, tok, P6, [[h] for h in HEADS], judge=PrefixJudge(words), batch_size=72, **kw)
+    assert singles == pytest.approx([res.steps[0].scores[h] for h in HEADS], abs=1e-12, rel=0)
+    three = group_scores(model, tok, P6, [res.heads], judge=PrefixJudge(words), batch_size=6, **kw)[0]
+    assert three == pytest.approx(res.steps[2].score, abs=1e-12, rel=0)
+
+
+def test_group_scores_refuses_bad_groups(model, tok, rt):
+    """A duplicated head, a head outside the model and an objective without its refusal tokens are refused."""
+    with pytest.raises(ValueError, match="duplicate"):
+        group_scores(model, tok, P6, [[(0, 1), (0, 1)]], refusal_tokens=rt)
+    with pytest.raises(IndexError, match="out of range"):
+        group_scores(model, tok, P6, [[(7, 0)]], refusal_tokens=rt)
+    with pytest.raises(ValueError, match="refusal_tokens"):
+        group_scores(model, tok, P6, [[(0, 1)]], objective="refusal")
 
 
 class PrefixJudge:

@@ -86,8 +86,8 @@ REFUSAL_OBJECTIVES = ("refusal", "refusal-margin", "asr")
 PREFILTERS = (None, "estimate", "estimate-adaptive", "exact-subset")
 DEFAULT_BATCH_SIZE = 32
 
-__all__ = ["OBJECTIVES", "SearchResult", "SearchStep", "head_scores", "search_heads", "signed_effects",
-           "single_head_scores"]
+__all__ = ["OBJECTIVES", "SearchResult", "SearchStep", "group_scores", "head_scores", "search_heads",
+           "signed_effects", "single_head_scores"]
 
 
 # --------------------------------------------------------------------------- result
@@ -919,6 +919,61 @@ def head_scores(
     """Each head's exact score on ``objective`` when it alone is ablated (mean over ``prompts``): one
     objective of :func:`single_head_scores` (same keyword arguments)."""
     return single_head_scores(model, tokenizer, prompts, heads, objectives=(objective,), **kwargs)[objective]
+
+
+def group_scores(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    groups: Sequence[Sequence[Head]],
+    *,
+    objective: str = "refusal",
+    refusal_tokens: Sequence[int] | None = None,
+    rank: int = 1,
+    center: bool = False,
+    space: str = "feature",
+    mode: Mode | str = "ua",
+    eps: float = 1e-5,
+    prompt_format: str = "chat",
+    system_prompt: str | None = None,
+    batch_size: int | None = None,
+    mean: torch.Tensor | None = None,
+    judge: Any = "keyword:paper",
+    max_new_tokens: int = 32,
+) -> list[float]:
+    """The score :func:`search_heads` gives each whole group of ``groups`` (all its heads ablated together,
+    against the unablated model): a search that reached a group scores it so, but a search only reaches
+    the groups its greedy path passes through. Here any groups — every subset of a candidate set, say,
+    where heads matter only together. Same objectives and keyword arguments as :func:`search_heads`; for
+    ``"asr"`` the groups' answers are generated in shared batches of ``batch_size`` rows."""
+    mode = Mode.parse(mode)
+    eps = check_eps(mode, eps)
+    mean = check_mean(model, mode, mean)
+    obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    g = get_adapter(model).geometry
+    sets = [validate_heads(list(grp), g) for grp in groups]
+    for heads in sets:
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"duplicate heads in group {heads}")
+    bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if obj.readout == "generation":
+        judge_ = _get_judge(judge)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        obj.prepare(_answers(model, tokenizer, list(prompts), judge_, obj.tokens, mode=mode, eps=eps,
+                             prompt_format=prompt_format, system_prompt=system_prompt,
+                             max_new_tokens=int(max_new_tokens), batch_size=bs, mean=mean))
+        per = max(1, bs // len(prompts))
+        return [v for i in range(0, len(sets), per) for v in obj.score_many(sets[i:i + per])]
+    texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
+    reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout, mean=mean,
+                      shared_prefix=mode is not Mode.UA_LIMIT)
+    obj.prepare(reps.base)
+    return [obj.score(reps.ablated(heads_to_strength(model, [heads]), mode, eps)) for heads in sets]
 
 
 def signed_effects(
