@@ -20,7 +20,8 @@ Scoring and finding heads
     ships_estimate       Ships estimated by a few backward passes (Fisher / refusal gradient)
     agreement            Spearman and top-k recall of an estimate against exact scores
     sahara               Sahara: the paper's dataset-level greedy search on subspace angles
-    search_heads         exact greedy group search on any objective (subspace | refusal | kl)
+    search_heads         exact greedy group search on any objective (subspace | refusal | refusal-margin | kl | asr)
+    group_scores         the search's score of any given head groups (e.g. every subset of a short list)
     signed_effects       each head's exact signed effect on refusal (drop of refusal log-odds, ablated alone)
     learn_head_mask      learned sparse per-head ablation strengths (L1 / hard-concrete), hard top-k validated
     mask_heads           the top-k heads of a learned mask
@@ -50,7 +51,7 @@ from .models import load_model
 from .refusal_direction import head_contributions, refusal_direction
 from .report import load_run
 from .sahara import SaharaResult, sahara
-from .search import SearchResult, search_heads, signed_effects
+from .search import SearchResult, group_scores, search_heads, signed_effects
 from .ships import ShipsResult, agreement, ships, ships_estimate
 from .stats import paired_comparison
 from .surgery import save_surgery, surgery, surgery_applied
@@ -61,7 +62,8 @@ compare = compare_runs
 __version__ = "0.1.0"
 
 __all__ = ["Mode", "SaharaResult", "SearchResult", "ShipsResult", "ablate", "ablate_strengths", "agreement",
-           "compare", "compare_runs", "disagreement", "evaluate", "get_judge", "head_contributions", "head_geometry",
+           "compare", "compare_runs", "disagreement", "evaluate", "get_judge", "group_scores", "head_contributions",
+           "head_geometry",
            "head_means", "holdout_split", "learn_head_mask", "load_model", "load_prompts", "load_run",
            "mask_heads", "paired_comparison", "refusal_direction", "sahara", "save_surgery", "search_heads",
            "ships", "ships_estimate", "signed_effects", "surgery", "surgery_applied", "__version__"]

@@ -940,12 +940,14 @@ def group_scores(
     mean: torch.Tensor | None = None,
     judge: Any = "keyword:paper",
     max_new_tokens: int = 32,
+    progress: bool = False,
 ) -> list[float]:
     """The score :func:`search_heads` gives each whole group of ``groups`` (all its heads ablated together,
     against the unablated model): a search that reached a group scores it so, but a search only reaches
     the groups its greedy path passes through. Here any groups — every subset of a candidate set, say,
     where heads matter only together. Same objectives and keyword arguments as :func:`search_heads`; for
-    ``"asr"`` the groups' answers are generated in shared batches of ``batch_size`` rows."""
+    ``"asr"`` the groups' answers are generated in shared batches of ``batch_size`` rows. ``progress``: a
+    bar over the groups."""
     mode = Mode.parse(mode)
     eps = check_eps(mode, eps)
     mean = check_mean(model, mode, mean)
@@ -968,12 +970,18 @@ def group_scores(
                              prompt_format=prompt_format, system_prompt=system_prompt,
                              max_new_tokens=int(max_new_tokens), batch_size=bs, mean=mean))
         per = max(1, bs // len(prompts))
-        return [v for i in range(0, len(sets), per) for v in obj.score_many(sets[i:i + per])]
+        out: list[float] = []
+        with tqdm(total=len(sets), disable=not progress, desc=f"groups ({objective})") as bar:
+            for i in range(0, len(sets), per):
+                out += obj.score_many(sets[i:i + per])
+                bar.update(len(sets[i:i + per]))
+        return out
     texts = format_prompts(tokenizer, prompts, prompt_format, system_prompt=system_prompt)
     reps = _Residuals(model, tokenizer, texts, bs, True, obj.readout, mean=mean,
                       shared_prefix=mode is not Mode.UA_LIMIT)
     obj.prepare(reps.base)
-    return [obj.score(reps.ablated(heads_to_strength(model, [heads]), mode, eps)) for heads in sets]
+    return [obj.score(reps.ablated(heads_to_strength(model, [heads]), mode, eps))
+            for heads in tqdm(sets, disable=not progress, desc=f"groups ({objective})")]
 
 
 def signed_effects(

@@ -1,0 +1,156 @@
+"""Which ``--size`` of a method's top ``--k`` heads matter together? Every subset of that size is scored on
+the attribution prompts of a ``methods_bench.py`` folder (``search.group_scores``: ``--objective asr`` —
+the rise of the judged attack success of greedy answers, ties broken by the refusal log-odds drop — or
+``refusal``), and the best subset is judged on the folder's held-out prompts, against the same prompts
+unablated (exact McNemar) and against layer-matched random heads.
+
+A greedy search adds one head at a time and cannot see heads that matter only together
+(``bench/head_interaction.py`` measures that); an exhaustive pass over the subsets of a short list can.
+The held-out prompts play no part in the choice.
+
+Example::
+
+    python bench/subset_search.py /work/runs/methods-1.5b-zero-k50 --method refusal-grad --k 8 --size 5 \\
+        --out bench/results/subset_search_1.5b_zero.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from head_interaction import _rows_of  # bench/, on the path when run as a script
+
+from safetyheads.evaluate import evaluate_conditions
+from safetyheads.models import load_model
+from safetyheads.provenance import atomic_write_text, library_versions
+from safetyheads.search import group_scores
+from safetyheads.stats import layer_matched_random_heads, random_control_seed
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", type=Path, help="a methods_bench.py output folder")
+    p.add_argument("--method", default="refusal-grad", help="a method of the folder's methods.json rows")
+    p.add_argument("--k", type=int, default=8, help="the short list: the method's top k")
+    p.add_argument("--size", type=int, default=5, help="heads per subset")
+    p.add_argument("--objective", default="asr", choices=["asr", "refusal"])
+    p.add_argument("--random-draws", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64, help="generation rows per batch")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
+    a = p.parse_args(argv)
+    if not 1 <= a.size < a.k:
+        p.error("--size must be between 1 and k - 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = json.loads((a.folder / "bench_config.json").read_text())["config"]
+    prompts = json.loads((a.folder / "prompts.json").read_text())
+    rt = json.loads((a.folder / "refusal_tokens.json").read_text())["tokens"]
+    short = _rows_of(a.folder, a.method, a.k)
+    subsets = [list(c) for c in itertools.combinations(short, a.size)]
+    out = a.folder / f"subsets-{a.method}-{a.size}of{a.k}-{a.objective}"
+    (out / "responses").mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
+    common = dict(mode=cfg["mode"], eps=cfg["eps"], prompt_format=cfg["prompt_format"])
+
+    scores_path = out / "scores.json"  # the expensive part, kept for a rerun
+    if scores_path.exists() and json.loads(scores_path.read_text())["subsets"] == subsets:
+        rec = json.loads(scores_path.read_text())
+    else:
+        t0 = time.perf_counter()
+        vals = group_scores(model, tok, prompts["attribution"], subsets, objective=a.objective, refusal_tokens=rt,
+                            judge=cfg["judge"], max_new_tokens=cfg["max_new_tokens"], batch_size=a.batch_size,
+                            progress=True, **common)
+        rec = {"subsets": subsets, "scores": vals, "seconds": time.perf_counter() - t0}
+        atomic_write_text(scores_path, json.dumps(rec))
+    ranked = sorted(zip(rec["scores"], rec["subsets"]), key=lambda t: (-t[0], t[1]))
+    best = [tuple(h) for h in ranked[0][1]]
+    top_rank = [tuple(h) for h in short[:a.size]]
+    top_score = rec["scores"][rec["subsets"].index([list(h) for h in top_rank])]
+
+    name = f"{a.method}-best{a.size}of{a.k}"
+    conds = [{"name": "baseline", "method": "baseline", "k": 0, "heads": []},
+             {"name": f"{a.method}-top{a.size}", "method": a.method, "k": a.size, "heads": top_rank},
+             {"name": name, "method": "subset-search", "k": a.size, "heads": best}]
+    if best == top_rank:
+        conds.pop()
+    seed = a.size * 1000 + a.k
+    draws = layer_matched_random_heads(model, best, a.random_draws, seed=seed, exclude=short)
+    conds += [{"name": f"random{i}-{name}", "method": "random", "k": a.size, "heads": d,
+               "seed": random_control_seed(seed, i), "control_for": conds[-1]["name"]} for i, d in enumerate(draws)]
+    for c in conds[:2]:  # the folder's unablated and top-size responses, reused if their settings match
+        for suffix in (".jsonl", ".config.json"):
+            src = a.folder / "responses" / f"{c['name']}{suffix}"
+            if src.exists() and not (out / "responses" / src.name).exists():
+                shutil.copyfile(src, out / "responses" / src.name)
+    ev = evaluate_conditions(model, tok, prompts["eval"], conds, out_dir=out, judge=cfg["judge"],
+                             max_new_tokens=cfg["max_new_tokens"], batch_size=a.batch_size, refusal_metric=False,
+                             random_kind="layer-matched", progress=True, **common)
+    by = {c.name: c for c in ev.conditions}
+    base = by["baseline"]
+
+    def row(c) -> dict:
+        pc = c.paired.get("asr", {})
+        return {"name": c.name, "heads": [list(h) for h in c.heads], "asr": c.asr, "delta": c.asr - base.asr,
+                "p_mcnemar": pc.get("p_value")}
+
+    chosen = [row(by[c["name"]]) for c in conds[1:] if c["method"] != "random"]
+    rand = [by[c["name"]].asr for c in conds if c["method"] == "random"]
+    n_attr = len(prompts["attribution"])
+    record = {"folder": str(a.folder), "method": a.method, "k": a.k, "size": a.size, "objective": a.objective,
+              "short_list": [list(h) for h in short], "n_subsets": len(subsets), "scoring_seconds": rec["seconds"],
+              "attribution_scores": {"best": ranked[0][0], "top_rank": top_score,
+                                     "best_10": [[s, hs] for s, hs in ranked[:10]]},
+              "baseline_asr": base.asr, "rows": chosen, "random": rand, "config": cfg, "argv": sys.argv,
+              "versions": library_versions()}
+
+    def hs(heads) -> str:
+        return " ".join(f"L{x}H{y}" for x, y in heads)
+
+    what = ("rise of the judged attack success (+ 0.4/N · tanh of the refusal log-odds drop)" if a.objective == "asr"
+            else "mean drop of the refusal log-odds")
+    lines = [f"# The best {a.size} of a method's top {a.k}, scored together — {cfg['model']}", "",
+             f"`{a.folder}`: all {len(subsets)} subsets of {a.size} of {a.method}'s top {a.k} ({hs(short)}) scored "
+             f"on the {n_attr} attribution prompts ({what}; {cfg['mode'].upper()} ablation, greedy "
+             f"{cfg['max_new_tokens']} new tokens, judge `{cfg['judge']}`; {rec['seconds'] / 60:.1f} min). The best "
+             f"subset and the method's own top {a.size} judged on the {len(prompts['eval'])} held-out prompts "
+             f"(unablated ASR **{base.asr:.2f}**); exact McNemar against the same prompts unablated.", "",
+             "| heads ablated | heads | attribution score | held-out ASR (Δ) | McNemar p |", "|---|---|---|---|---|"]
+    for r in chosen:
+        label = f"{a.method} top {a.size}" if r["name"].endswith(f"top{a.size}") else f"best {a.size} of top {a.k}"
+        sc = top_score if label.endswith(f"top {a.size}") else ranked[0][0]
+        p = "—" if r["p_mcnemar"] is None else f"{r['p_mcnemar']:.2g}"
+        lines.append(f"| {label} | {hs(r['heads'])} | {sc:+.3f} | {r['asr']:.2f} ({r['delta']:+.2f}) | {p} |")
+    if rand:
+        lines.append(f"| layer-matched random ({len(rand)} draws, layers of the best subset) | | | "
+                     f"{statistics.fmean(rand):.2f} (min {min(rand):.2f}, max {max(rand):.2f}; max Δ "
+                     f"{max(rand) - base.asr:+.2f}) | |")
+    ties = sum(1 for s, _ in ranked if math.isclose(s, ranked[0][0], abs_tol=1e-12))
+    lines += ["", f"The ten best subsets on the attribution prompts ({ties} at the best score):", "",
+              "| score | heads |", "|---|---|"]
+    lines += [f"| {s:+.3f} | {hs(h)} |" for s, h in ranked[:10]]
+    lines += ["", "Command: `" + " ".join(["python", *sys.argv]) + "`"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(a.out, text)
+        atomic_write_text(a.out.with_suffix(".json"), json.dumps(record, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
