@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = json.loads((a.folder / "prompts.json").read_text())
     rt = json.loads((a.folder / "refusal_tokens.json").read_text())["tokens"]
     short = _rows_of(a.folder, a.method, a.k)
-    subsets = [list(c) for c in itertools.combinations(short, a.size)]
+    subsets = [[list(h) for h in c] for c in itertools.combinations(short, a.size)]
     out = a.folder / f"subsets-{a.method}-{a.size}of{a.k}-{a.objective}"
     (out / "responses").mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
