@@ -58,6 +58,17 @@ def _rows_of(folder: Path, method: str, k: int) -> list[tuple[int, int]]:
     sys.exit(f"{folder}/methods.json has no row for {method} k={k}; it has {have}")
 
 
+def reuse_responses(folder: Path, out: Path, names: list[str]) -> None:
+    """Copy the folder's responses of ``names`` into ``out/responses``; the evaluation loads a copy only if
+    its recorded settings (model, prompts, ablation, heads, generation) equal the new condition's."""
+    (out / "responses").mkdir(parents=True, exist_ok=True)
+    for c in names:
+        for suffix in (".jsonl", ".config.json"):
+            src = folder / "responses" / f"{c}{suffix}"
+            if src.exists() and not (out / "responses" / src.name).exists():
+                shutil.copyfile(src, out / "responses" / src.name)
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -72,12 +83,7 @@ def main(argv: list[str] | None = None) -> None:
              {"name": name["rest"], "method": a.method, "k": len(rest), "heads": rest},
              {"name": name["all"], "method": a.method, "k": a.k, "heads": heads}]
     out = a.folder / f"interaction-{a.method}-{a.split}of{a.k}"
-    (out / "responses").mkdir(parents=True, exist_ok=True)
-    for c in ("baseline", name["first"], name["all"]):  # reused only if the evaluation finds their settings equal
-        for suffix in (".jsonl", ".config.json"):
-            src = a.folder / "responses" / f"{c}{suffix}"
-            if src.exists() and not (out / "responses" / src.name).exists():
-                shutil.copyfile(src, out / "responses" / src.name)
+    reuse_responses(a.folder, out, ["baseline", name["first"], name["all"]])
 
     model, tok = load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
     ev = evaluate_conditions(model, tok, prompts, conds, out_dir=out, judge=cfg["judge"],

@@ -20,14 +20,13 @@ import argparse
 import itertools
 import json
 import math
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from head_interaction import _rows_of  # bench/, on the path when run as a script
+from head_interaction import _rows_of, reuse_responses  # bench/, on the path when run as a script
 
 from safetyheads.evaluate import evaluate_conditions
 from safetyheads.models import load_model
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     short = _rows_of(a.folder, a.method, a.k)
     subsets = [[list(h) for h in c] for c in itertools.combinations(short, a.size)]
     out = a.folder / f"subsets-{a.method}-{a.size}of{a.k}-{a.objective}"
-    (out / "responses").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
     common = dict(mode=cfg["mode"], eps=cfg["eps"], prompt_format=cfg["prompt_format"])
 
@@ -92,11 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     draws = layer_matched_random_heads(model, best, a.random_draws, seed=seed, exclude=short)
     conds += [{"name": f"random{i}-{name}", "method": "random", "k": a.size, "heads": d,
                "seed": random_control_seed(seed, i), "control_for": conds[-1]["name"]} for i, d in enumerate(draws)]
-    for c in conds[:2]:  # the folder's unablated and top-size responses, reused if their settings match
-        for suffix in (".jsonl", ".config.json"):
-            src = a.folder / "responses" / f"{c['name']}{suffix}"
-            if src.exists() and not (out / "responses" / src.name).exists():
-                shutil.copyfile(src, out / "responses" / src.name)
+    reuse_responses(a.folder, out, [c["name"] for c in conds[:2]])  # the unablated and top-size responses
     ev = evaluate_conditions(model, tok, prompts["eval"], conds, out_dir=out, judge=cfg["judge"],
                              max_new_tokens=cfg["max_new_tokens"], batch_size=a.batch_size, refusal_metric=False,
                              random_kind="layer-matched", progress=True, **common)
