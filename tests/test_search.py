@@ -179,13 +179,16 @@ def test_group_scores_asr_equals_the_searchs_scores(model, tok, rt):
 
 
 def test_group_scores_refuses_bad_groups(model, tok, rt):
-    """A duplicated head, a head outside the model and an objective without its refusal tokens are refused."""
+    """A duplicated head, a head outside the model, an objective without its refusal tokens and a subspace
+    rank above the number of prompts are refused."""
     with pytest.raises(ValueError, match="duplicate"):
         group_scores(model, tok, P6, [[(0, 1), (0, 1)]], refusal_tokens=rt)
     with pytest.raises(IndexError, match="out of range"):
         group_scores(model, tok, P6, [[(7, 0)]], refusal_tokens=rt)
     with pytest.raises(ValueError, match="refusal_tokens"):
         group_scores(model, tok, P6, [[(0, 1)]], objective="refusal")
+    with pytest.raises(ValueError, match="at least 7 prompts"):
+        group_scores(model, tok, P6, [[(0, 1)]], objective="subspace", rank=7)
 
 
 class PrefixJudge:

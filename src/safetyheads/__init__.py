@@ -63,7 +63,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Mode", "SaharaResult", "SearchResult", "ShipsResult", "ablate", "ablate_strengths", "agreement",
            "compare", "compare_runs", "disagreement", "evaluate", "get_judge", "group_scores", "head_contributions",
-           "head_geometry",
-           "head_means", "holdout_split", "learn_head_mask", "load_model", "load_prompts", "load_run",
-           "mask_heads", "paired_comparison", "refusal_direction", "sahara", "save_surgery", "search_heads",
-           "ships", "ships_estimate", "signed_effects", "surgery", "surgery_applied", "__version__"]
+           "head_geometry", "head_means", "holdout_split", "learn_head_mask", "load_model", "load_prompts",
+           "load_run", "mask_heads", "paired_comparison", "refusal_direction", "sahara", "save_surgery",
+           "search_heads", "ships", "ships_estimate", "signed_effects", "surgery", "surgery_applied", "__version__"]

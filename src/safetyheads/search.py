@@ -954,6 +954,9 @@ def group_scores(
     obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
     if len(prompts) == 0:
         raise ValueError("no prompts given")
+    if objective == "subspace" and len(prompts) < rank + (1 if center else 0):
+        raise ValueError(f"the subspace objective with rank {rank}{' (centred)' if center else ''} needs at least "
+                         f"{rank + (1 if center else 0)} prompts, got {len(prompts)}")
     g = get_adapter(model).geometry
     sets = [validate_heads(list(grp), g) for grp in groups]
     for heads in sets:
