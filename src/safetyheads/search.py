@@ -451,6 +451,30 @@ def _checkpoint_load(path: Path | None, digest: str, label: str) -> dict:
 # --------------------------------------------------------------------------- the search
 
 
+def _settings(model, prompts: Sequence[str], objective: str, *, mode, eps, mean, refusal_tokens, rank, center, space,
+              batch_size, judge, max_new_tokens) -> tuple[Mode, float, torch.Tensor | None, Any, Any, int]:
+    """What :func:`search_heads` and :func:`group_scores` check alike: ``(mode, ε, mean, objective, judge
+    (None unless ``"asr"``), batch size)``."""
+    mode = Mode.parse(mode)
+    eps = check_eps(mode, eps)
+    mean = check_mean(model, mode, mean)
+    obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    if objective == "subspace" and len(prompts) < rank + (1 if center else 0):
+        raise ValueError(f"Sahara with rank {rank}{' (centred)' if center else ''} needs at least "
+                         f"{rank + (1 if center else 0)} prompts, got {len(prompts)}")
+    judge_ = None
+    if objective == "asr":
+        judge_ = _get_judge(judge)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return mode, eps, mean, obj, judge_, bs
+
+
 def search_heads(
     model,
     tokenizer,
@@ -537,15 +561,9 @@ def search_heads(
         :class:`SearchResult`: the heads in the order chosen, every step's candidate scores and
         (with refusal tokens) each chosen head's signed effect on refusal.
     """
-    mode = Mode.parse(mode)
-    eps = check_eps(mode, eps)
-    mean = check_mean(model, mode, mean)
-    obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-    if objective == "subspace" and len(prompts) < rank + (1 if center else 0):
-        raise ValueError(f"Sahara with rank {rank}{' (centred)' if center else ''} needs at least "
-                         f"{rank + (1 if center else 0)} prompts, got {len(prompts)}")
+    mode, eps, mean, obj, judge_, bs = _settings(model, prompts, objective, mode=mode, eps=eps, mean=mean,
+                                                 refusal_tokens=refusal_tokens, rank=rank, center=center, space=space,
+                                                 batch_size=batch_size, judge=judge, max_new_tokens=max_new_tokens)
     g = get_adapter(model).geometry
     if candidates is None:
         cands = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
@@ -575,14 +593,6 @@ def search_heads(
     if harmless is not None and len(harmless) == 0:
         raise ValueError("harmless is empty: give harmless prompts or None")
     rt = None if refusal_tokens is None else _tokens(refusal_tokens)
-    judge_ = None
-    if objective == "asr":
-        judge_ = _get_judge(judge)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if shard is not None:
         shard = as_shard(shard, need_all=True)
         if checkpoint is not None:
@@ -948,27 +958,15 @@ def group_scores(
     where heads matter only together. Same objectives and keyword arguments as :func:`search_heads`; for
     ``"asr"`` the groups' answers are generated in shared batches of ``batch_size`` rows. ``progress``: a
     bar over the groups."""
-    mode = Mode.parse(mode)
-    eps = check_eps(mode, eps)
-    mean = check_mean(model, mode, mean)
-    obj = _objective(objective, refusal_tokens=refusal_tokens, rank=rank, center=center, space=space)
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-    if objective == "subspace" and len(prompts) < rank + (1 if center else 0):
-        raise ValueError(f"the subspace objective with rank {rank}{' (centred)' if center else ''} needs at least "
-                         f"{rank + (1 if center else 0)} prompts, got {len(prompts)}")
+    mode, eps, mean, obj, judge_, bs = _settings(model, prompts, objective, mode=mode, eps=eps, mean=mean,
+                                                 refusal_tokens=refusal_tokens, rank=rank, center=center, space=space,
+                                                 batch_size=batch_size, judge=judge, max_new_tokens=max_new_tokens)
     g = get_adapter(model).geometry
     sets = [validate_heads(list(grp), g) for grp in groups]
     for heads in sets:
         if len(set(heads)) != len(heads):
             raise ValueError(f"duplicate heads in group {heads}")
-    bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if obj.readout == "generation":
-        judge_ = _get_judge(judge)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         obj.prepare(_answers(model, tokenizer, list(prompts), judge_, obj.tokens, mode=mode, eps=eps,
                              prompt_format=prompt_format, system_prompt=system_prompt,
                              max_new_tokens=int(max_new_tokens), batch_size=bs, mean=mean))
