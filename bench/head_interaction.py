@@ -20,16 +20,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import sys
 from pathlib import Path
 
 import torch
+from methods_folder import condition_row, head_labels, load_folder, method_heads, reuse_responses  # bench/
+from speed_common import finish
 
 from safetyheads.evaluate import evaluate_conditions
 from safetyheads.models import load_model
-from safetyheads.provenance import atomic_write_text, library_versions
 from safetyheads.stats import mcnemar_exact
 
 
@@ -49,32 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _rows_of(folder: Path, method: str, k: int) -> list[tuple[int, int]]:
-    rows = json.loads((folder / "methods.json").read_text())["rows"]
-    for r in rows:
-        if r["method"] == method and r["k"] == k:
-            return [tuple(h) for h in r["heads"]]
-    have = sorted({(r["method"], r["k"]) for r in rows})
-    sys.exit(f"{folder}/methods.json has no row for {method} k={k}; it has {have}")
-
-
-def reuse_responses(folder: Path, out: Path, names: list[str]) -> None:
-    """Copy the folder's responses of ``names`` into ``out/responses``; the evaluation loads a copy only if
-    its recorded settings (model, prompts, ablation, heads, generation) equal the new condition's."""
-    (out / "responses").mkdir(parents=True, exist_ok=True)
-    for c in names:
-        for suffix in (".jsonl", ".config.json"):
-            src = folder / "responses" / f"{c}{suffix}"
-            if src.exists() and not (out / "responses" / src.name).exists():
-                shutil.copyfile(src, out / "responses" / src.name)
-
-
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = json.loads((a.folder / "bench_config.json").read_text())["config"]
-    prompts = json.loads((a.folder / "prompts.json").read_text())["eval"]
-    heads = _rows_of(a.folder, a.method, a.k)
+    cfg, sets = load_folder(a.folder)
+    prompts = sets["eval"]
+    heads = method_heads(a.folder, a.method, a.k)
     first, rest = heads[:a.split], heads[a.split:]
     name = {"all": f"{a.method}-top{a.k}", "first": f"{a.method}-top{a.split}",
             "rest": f"{a.method}-heads{a.split + 1}to{a.k}"}
@@ -99,20 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     only_part = sum(u and not x for x, u in zip(flip["all"], union))  # flipped by a part, not by the whole set
     rows = []
     for key in ("first", "rest", "all"):
-        c = by[name[key]]
-        pc = c.paired.get("asr", {})
-        rows.append({"part": key, "name": name[key], "heads": [list(h) for h in c.heads], "asr": c.asr,
-                     "delta": c.asr - base.asr, "p_mcnemar": pc.get("p_value"),
+        rows.append({"part": key, **condition_row(by[name[key]], base),
                      "flips": [sum(flip[key]), sum(b and not c_ for c_, b in zip(comply[key], comply["baseline"]))]})
     n = len(prompts)
     additive = rows[0]["delta"] + rows[1]["delta"]
     record = {"folder": str(a.folder), "method": a.method, "k": a.k, "split": a.split, "n": n,
               "baseline_asr": base.asr, "rows": rows, "sum_of_parts_delta": additive,
               "union_of_part_flips": sum(union), "flipped_only_by_all": only_all, "flipped_only_by_a_part": only_part,
-              "p_all_vs_union": mcnemar_exact(only_all, only_part), "config": cfg,
-              "argv": sys.argv, "versions": library_versions()}
+              "p_all_vs_union": mcnemar_exact(only_all, only_part), "config": cfg}
 
-    hs = {key: " ".join(f"L{x}H{y}" for x, y in r["heads"]) for key, r in zip(("first", "rest", "all"), rows)}
+    hs = {key: head_labels(r["heads"]) for key, r in zip(("first", "rest", "all"), rows)}
     lines = [f"# Heads alone and together — {cfg['model']}", "",
              f"{n} held-out prompts of `{a.folder}` ({cfg['prompt_format']} format, {cfg['mode'].upper()} "
              f"ablation, greedy {cfg['max_new_tokens']} new tokens, judge `{cfg['judge']}`), unablated ASR "
@@ -127,14 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", f"Sum of the two parts' rises: {additive:+.2f}; the whole set's: {rows[2]['delta']:+.2f}. "
               f"Prompts flipped by either part: {sum(union)}; by the whole set: {rows[2]['flips'][0]}, of which "
               f"**{only_all} by neither part alone**, while {only_part} flipped by a part are not flipped by the "
-              f"whole set (exact McNemar, whole set vs union of parts: p = {record['p_all_vs_union']:.2g}).", "",
-              "Command: `" + " ".join(["python", *sys.argv]) + "`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(a.out, text)
-        atomic_write_text(a.out.with_suffix(".json"), json.dumps(record, indent=2, default=str))
+              f"whole set (exact McNemar, whole set vs union of parts: p = {record['p_all_vs_union']:.2g})."]
+    finish(lines, a.out, record)
 
 
 if __name__ == "__main__":

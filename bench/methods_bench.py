@@ -147,8 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.asr_steps = a.search_steps if a.asr_steps is None else a.asr_steps
     if "asr-search" in searches and max(a.ks) > a.asr_steps:
         p.error("--asr-steps must be >= every k of --ks")
-    if searches and a.prefilter_k < max(a.search_steps if searches - {"asr-search"} else 0,
-                                        a.asr_steps if "asr-search" in searches else 0):
+    longest = max((a.asr_steps if m == "asr-search" else a.search_steps for m in searches), default=0)
+    if a.prefilter_k < longest:
         p.error("--prefilter-k must be >= the search steps (a search picks its heads from that pool)")
     if set(a.random_for) - set(METHODS):
         p.error(f"unknown methods in --random-for: {sorted(set(a.random_for) - set(METHODS))}")

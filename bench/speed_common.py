@@ -1,5 +1,7 @@
-"""What the A-vs-B speed scripts share: alternating timed repeats, min/median, the markdown rows and
-the output files (``bench/utility_kl_speed.py``, ``bench/asr_search_speed.py``)."""
+"""What the A-vs-B speed scripts share: alternating timed repeats, min/median, the markdown rows
+(``bench/utility_kl_speed.py``, ``bench/asr_search_speed.py``); and :func:`finish`, the output files
+of every bench script that writes a table and its record (also ``bench/head_interaction.py``,
+``bench/subset_search.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetyheads.provenance import library_versions
+from safetyheads.provenance import atomic_write_text, library_versions
 
 
 def alternate(paths: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[tuple[float, float]]],
@@ -50,5 +52,8 @@ def finish(lines: list[str], out: Path | None, record: dict[str, Any]) -> None:
     text = "\n".join([*lines, "", "Command: `" + " ".join(["python", *sys.argv]) + "`"]) + "\n"
     print(text)
     if out:
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({**record, "versions": library_versions()}, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text)
+        atomic_write_text(out.with_suffix(".json"),
+                          json.dumps({**record, "argv": sys.argv, "versions": library_versions()}, indent=2,
+                                     default=str))

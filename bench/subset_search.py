@@ -21,16 +21,16 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from head_interaction import _rows_of, reuse_responses  # bench/, on the path when run as a script
+from methods_folder import condition_row, head_labels, load_folder, method_heads, reuse_responses  # bench/
+from speed_common import finish
 
 from safetyheads.evaluate import evaluate_conditions
 from safetyheads.models import load_model
-from safetyheads.provenance import atomic_write_text, library_versions
+from safetyheads.provenance import atomic_write_text
 from safetyheads.search import group_scores
 from safetyheads.stats import layer_matched_random_heads, random_control_seed
 
@@ -56,10 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = json.loads((a.folder / "bench_config.json").read_text())["config"]
-    prompts = json.loads((a.folder / "prompts.json").read_text())
+    cfg, prompts = load_folder(a.folder)
     rt = json.loads((a.folder / "refusal_tokens.json").read_text())["tokens"]
-    short = _rows_of(a.folder, a.method, a.k)
+    short = method_heads(a.folder, a.method, a.k)
     subsets = [[list(h) for h in c] for c in itertools.combinations(short, a.size)]
     out = a.folder / f"subsets-{a.method}-{a.size}of{a.k}-{a.objective}"
     out.mkdir(parents=True, exist_ok=True)
@@ -97,29 +96,19 @@ def main(argv: list[str] | None = None) -> None:
                              random_kind="layer-matched", progress=True, **common)
     by = {c.name: c for c in ev.conditions}
     base = by["baseline"]
-
-    def row(c) -> dict:
-        pc = c.paired.get("asr", {})
-        return {"name": c.name, "heads": [list(h) for h in c.heads], "asr": c.asr, "delta": c.asr - base.asr,
-                "p_mcnemar": pc.get("p_value")}
-
-    chosen = [row(by[c["name"]]) for c in conds[1:] if c["method"] != "random"]
+    chosen = [condition_row(by[c["name"]], base) for c in conds[1:] if c["method"] != "random"]
     rand = [by[c["name"]].asr for c in conds if c["method"] == "random"]
     n_attr = len(prompts["attribution"])
     record = {"folder": str(a.folder), "method": a.method, "k": a.k, "size": a.size, "objective": a.objective,
               "short_list": [list(h) for h in short], "n_subsets": len(subsets), "scoring_seconds": rec["seconds"],
               "attribution_scores": {"best": ranked[0][0], "top_rank": top_score,
                                      "best_10": [[s, hs] for s, hs in ranked[:10]]},
-              "baseline_asr": base.asr, "rows": chosen, "random": rand, "config": cfg, "argv": sys.argv,
-              "versions": library_versions()}
-
-    def hs(heads) -> str:
-        return " ".join(f"L{x}H{y}" for x, y in heads)
+              "baseline_asr": base.asr, "rows": chosen, "random": rand, "config": cfg}
 
     what = ("rise of the judged attack success (+ 0.4/N · tanh of the refusal log-odds drop)" if a.objective == "asr"
             else "mean drop of the refusal log-odds")
     lines = [f"# The best {a.size} of a method's top {a.k}, scored together — {cfg['model']}", "",
-             f"`{a.folder}`: all {len(subsets)} subsets of {a.size} of {a.method}'s top {a.k} ({hs(short)}) scored "
+             f"`{a.folder}`: all {len(subsets)} subsets of {a.size} of {a.method}'s top {a.k} ({head_labels(short)}) scored "
              f"on the {n_attr} attribution prompts ({what}; {cfg['mode'].upper()} ablation, greedy "
              f"{cfg['max_new_tokens']} new tokens, judge `{cfg['judge']}`; {rec['seconds'] / 60:.1f} min). The best "
              f"subset and the method's own top {a.size} judged on the {len(prompts['eval'])} held-out prompts "
@@ -129,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         label = f"{a.method} top {a.size}" if r["name"].endswith(f"top{a.size}") else f"best {a.size} of top {a.k}"
         sc = top_score if label.endswith(f"top {a.size}") else ranked[0][0]
         p = "—" if r["p_mcnemar"] is None else f"{r['p_mcnemar']:.2g}"
-        lines.append(f"| {label} | {hs(r['heads'])} | {sc:+.3f} | {r['asr']:.2f} ({r['delta']:+.2f}) | {p} |")
+        lines.append(f"| {label} | {head_labels(r['heads'])} | {sc:+.3f} | {r['asr']:.2f} ({r['delta']:+.2f}) | {p} |")
     if rand:
         lines.append(f"| layer-matched random ({len(rand)} draws, layers of the best subset) | | | "
                      f"{statistics.fmean(rand):.2f} (min {min(rand):.2f}, max {max(rand):.2f}; max Δ "
@@ -137,14 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     ties = sum(1 for s, _ in ranked if math.isclose(s, ranked[0][0], abs_tol=1e-12))
     lines += ["", f"The ten best subsets on the attribution prompts ({ties} at the best score):", "",
               "| score | heads |", "|---|---|"]
-    lines += [f"| {s:+.3f} | {hs(h)} |" for s, h in ranked[:10]]
-    lines += ["", "Command: `" + " ".join(["python", *sys.argv]) + "`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(a.out, text)
-        atomic_write_text(a.out.with_suffix(".json"), json.dumps(record, indent=2, default=str))
+    lines += [f"| {s:+.3f} | {head_labels(h)} |" for s, h in ranked[:10]]
+    finish(lines, a.out, record)
 
 
 if __name__ == "__main__":
