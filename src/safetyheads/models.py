@@ -98,6 +98,10 @@ class ChecksumError(ModelLoadError):
     """A model file's sha256 does not match the pinned hash."""
 
 
+class CacheSpaceError(ModelLoadError):
+    """The cache's disk has too little free space to build a builtin's cache; nothing was written."""
+
+
 class _CacheInvalid(Exception):
     """Internal: the cache folder is incomplete or corrupt (the message says how)."""
 
@@ -131,6 +135,7 @@ class BuiltinModel:
     sha256: str  # sha256 of the assembled GGUF
     install_hint: str
     build_seconds: int  # rough one-time cost of dequantizing on a 2-core CPU
+    cache_bytes: int  # bytes of the float32 safetensors cache folder it builds (measured)
 
     @property
     def name(self) -> str:
@@ -191,6 +196,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             install_hint=_ASSETS_HINT,
             build_seconds=75,
+            cache_bytes=2_532_143_657,
         ),
         BuiltinModel(
             key="qwen2.5-coder-1.5b-instruct",
@@ -202,6 +208,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             install_hint=_ASSETS_15B_HINT,
             build_seconds=180,
+            cache_bytes=7_119_838_835,
         ),
         BuiltinModel(
             key="smollm2-135m-instruct",
@@ -218,6 +225,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             install_hint=_ASSETS_HINT,
             build_seconds=25,
+            cache_bytes=541_618_404,
         ),
         BuiltinModel(
             key="gemma-3-270m",
@@ -230,6 +238,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             install_hint=_ASSETS_HINT,
             build_seconds=80,
+            cache_bytes=1_105_800_000,
         ),
     )
 }
@@ -654,6 +663,20 @@ def _assemble_gguf(spec: BuiltinModel, workdir: pathlib.Path) -> tuple[pathlib.P
     return path, temporary
 
 
+def _check_free_space(spec: BuiltinModel, root: pathlib.Path) -> None:
+    """Refuse to start a build that the disk under ``root`` cannot hold (the float32 folder, plus the
+    assembled GGUF while it is being read, plus 10 %), instead of failing half-way with a full disk."""
+    need = spec.cache_bytes + (spec.size if len(spec.parts) > 1 else 0)
+    need = int(need * 1.1)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise CacheSpaceError(
+            f"building the cache of {spec.name} needs about {need / 1e9:.1f} GB free in {root}, and only "
+            f"{free / 1e9:.1f} GB are free. Free some space there, or point SAFETYHEADS_CACHE at a folder "
+            f"on a disk with more room. Nothing was written."
+        )
+
+
 def _build_builtin_cache(spec: BuiltinModel, target: pathlib.Path) -> None:
     """Assemble, verify, dequantize and save a builtin into ``target`` (atomically). Caller holds the lock."""
     from transformers import AutoTokenizer
@@ -662,6 +685,7 @@ def _build_builtin_cache(spec: BuiltinModel, target: pathlib.Path) -> None:
     for pattern in (f".tmp-{target.name}-*", f".trash-{target.name}-*"):  # left by a crash; we hold the lock
         for stale in root.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
+    _check_free_space(spec, root)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
         work = tmp / "gguf"
