@@ -237,6 +237,12 @@ class Bench:
                          "provenance": {"attribution": attr.provenance(), "eval": ev.provenance(),
                                         "harmless": harmless.provenance(), "train_harmless": train.provenance()}})
         p = json.loads(path.read_text())
+        a = self.a
+        want = {"attribution": a.n_attr, "eval": a.n_eval, "harmless": a.n_harmless,
+                "train_harmless": a.n_train_harmless}
+        got = {k: len(p[k]) for k in want}
+        if got != want:  # a folder copied by hand (bench_config.json gone) must not mix prompt sets
+            sys.exit(f"{path} holds {got} prompts and these arguments ask for {want}; use another --out")
         self.attr, self.eval, self.harmless, self.train = p["attribution"], p["eval"], p["harmless"], p["train_harmless"]
         rpath = self.out / "refusal_tokens.json"
         if not rpath.exists():
