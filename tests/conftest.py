@@ -122,7 +122,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     """Say where the caches are (and whether a warm one is reused)."""
     root = _state.get("root")
     free = shutil.disk_usage(root).free / 1e9 if root else float("nan")
-    lines = [f"safetyheads: temporary caches under {root} ({free:.1f} GB free; a pass peaks near 5 GB); "
+    lines = [f"safetyheads: temporary caches under {root} ({free:.1f} GB free; a pass peaks near 6 GB); "
              f"SAFETYHEADS_CACHE={os.environ.get('SAFETYHEADS_CACHE')}; CI={'yes' if in_ci() else 'no'}"]
     if _state.get("notice"):
         lines.append(f"safetyheads: {_state['notice']}")

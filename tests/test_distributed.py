@@ -167,7 +167,8 @@ def _worker(out: pathlib.Path, tok_dir: str) -> None:
 def test_two_processes_match_one(tok_dir, tmp_path):
     """torchrun, 2 gloo processes: Ships and Sahara bit-identical to one process; a lost rank's work
     (and only it) is redone from the checkpoints."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # TMPDIR: torchrun makes its log folder (torchelastic_*) there and leaves it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            __file__, "--worker", str(tmp_path), str(tok_dir)]
