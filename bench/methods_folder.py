@@ -19,11 +19,17 @@ def load_folder(folder: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
 
 
 def method_heads(folder: Path, method: str, k: int) -> list[tuple[int, int]]:
-    """The heads the folder's ``methods.json`` reports for ``method`` at ``k``, in their order."""
+    """The heads the folder's ``methods.json`` reports for ``method`` at ``k``, in their order. The
+    refusal gradient ranks every head, so its top k at a k the table has no row for is read from its
+    stored ranking (``refusal_grad.json``; the rows are that ranking's prefixes)."""
     rows = json.loads((folder / "methods.json").read_text())["rows"]
     for r in rows:
         if r["method"] == method and r["k"] == k:
             return [tuple(h) for h in r["heads"]]
+    if method == "refusal-grad" and (folder / "refusal_grad.json").exists():
+        from safetyheads.ships import ShipsResult
+
+        return [tuple(h) for h in ShipsResult.load(folder / "refusal_grad").dataset_top(k, metric="refusal")]
     have = sorted({(r["method"], r["k"]) for r in rows})
     sys.exit(f"{folder}/methods.json has no row for {method} k={k}; it has {have}")
 
