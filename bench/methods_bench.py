@@ -224,10 +224,9 @@ class Bench:
     def load(self) -> None:
         from safetyheads.models import load_model
 
-        self.model, self.tok = self.stage("load_model", load_model, self.a.model, dtype=getattr(torch, self.a.dtype))
+        a = self.a
         path = self.out / "prompts.json"
         if not path.exists():
-            a = self.a
             attr, ev = holdout_split(load_prompts(a.dataset), a.n_attr, a.n_eval, seed=a.seed)
             harmless = load_prompts(a.harmless, n=a.n_harmless, seed=a.seed)
             train = load_prompts(a.train_harmless, n=a.n_train_harmless, seed=a.seed)
@@ -237,13 +236,14 @@ class Bench:
                          "provenance": {"attribution": attr.provenance(), "eval": ev.provenance(),
                                         "harmless": harmless.provenance(), "train_harmless": train.provenance()}})
         p = json.loads(path.read_text())
-        a = self.a
         want = {"attribution": a.n_attr, "eval": a.n_eval, "harmless": a.n_harmless,
                 "train_harmless": a.n_train_harmless}
         got = {k: len(p[k]) for k in want}
         if got != want:  # a folder copied by hand (bench_config.json gone) must not mix prompt sets
             sys.exit(f"{path} holds {got} prompts and these arguments ask for {want}; use another --out")
         self.attr, self.eval, self.harmless, self.train = p["attribution"], p["eval"], p["harmless"], p["train_harmless"]
+        # after the prompt check: a folder that does not match exits before the model is loaded
+        self.model, self.tok = self.stage("load_model", load_model, a.model, dtype=getattr(torch, a.dtype))
         rpath = self.out / "refusal_tokens.json"
         if not rpath.exists():
             rt = self.stage("refusal_tokens", derive_refusal_tokens, self.model, self.tok, self.attr,

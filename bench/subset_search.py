@@ -66,9 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     common = dict(mode=cfg["mode"], eps=cfg["eps"], prompt_format=cfg["prompt_format"])
 
     scores_path = out / "scores.json"  # the expensive part, kept for a rerun
-    if scores_path.exists() and json.loads(scores_path.read_text())["subsets"] == subsets:
-        rec = json.loads(scores_path.read_text())
-    else:
+    rec = json.loads(scores_path.read_text()) if scores_path.exists() else None
+    if rec is None or rec["subsets"] != subsets:
         t0 = time.perf_counter()
         vals = group_scores(model, tok, prompts["attribution"], subsets, objective=a.objective, refusal_tokens=rt,
                             judge=cfg["judge"], max_new_tokens=cfg["max_new_tokens"], batch_size=a.batch_size,
@@ -115,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
              f"(unablated ASR **{base.asr:.2f}**); exact McNemar against the same prompts unablated.", "",
              "| heads ablated | heads | attribution score | held-out ASR (Δ) | McNemar p |", "|---|---|---|---|---|"]
     for r in chosen:
-        label = f"{a.method} top {a.size}" if r["name"].endswith(f"top{a.size}") else f"best {a.size} of top {a.k}"
-        sc = top_score if label.endswith(f"top {a.size}") else ranked[0][0]
+        own = r["name"] == conds[1]["name"]  # the method's own top size, else the best subset
+        label = f"{a.method} top {a.size}" if own else f"best {a.size} of top {a.k}"
+        sc = top_score if own else ranked[0][0]
         p = "—" if r["p_mcnemar"] is None else f"{r['p_mcnemar']:.2g}"
         lines.append(f"| {label} | {head_labels(r['heads'])} | {sc:+.3f} | {r['asr']:.2f} ({r['delta']:+.2f}) | {p} |")
     if rand:

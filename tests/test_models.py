@@ -54,13 +54,11 @@ def _cache_folder(root: pathlib.Path, key: str) -> pathlib.Path:
     return root / "models" / BUILTIN_MODELS[key].cache_folder_name
 
 
-def _folder_bytes(folder: pathlib.Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def _assert_cache_bytes(folder: pathlib.Path, key: str) -> None:
-    """The spec's ``cache_bytes`` (what the free-space check asks for) is what a build really wrote."""
-    size, recorded = _folder_bytes(folder), BUILTIN_MODELS[key].cache_bytes
+def _assert_cache_bytes(root: pathlib.Path, key: str) -> None:
+    """The spec's ``cache_bytes`` (what the free-space check asks for) is what a build under the cache
+    ``root`` really wrote."""
+    size = sum(p.stat().st_size for p in _cache_folder(root, key).rglob("*") if p.is_file())
+    recorded = BUILTIN_MODELS[key].cache_bytes
     assert abs(size - recorded) <= 0.02 * recorded, f"{key}: the cache has {size} bytes, the spec {recorded}"
 
 
@@ -559,7 +557,7 @@ def test_smollm2_builtin_loads_and_caches(
         models.MANIFEST_NAME,
         models.STAMP_NAME,
     }
-    _assert_cache_bytes(folder, SMOL)
+    _assert_cache_bytes(smol_first.cache, SMOL)
 
 
 def test_build_refuses_a_disk_without_room(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -671,8 +669,7 @@ def test_default_model_load_times(caplog: pytest.LogCaptureFixture) -> None:
         64,
     )
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
-    default_key = DEFAULT_MODEL.removeprefix("builtin:")
-    _assert_cache_bytes(cache_dir() / "models" / BUILTIN_MODELS[default_key].cache_folder_name, default_key)
+    _assert_cache_bytes(cache_dir(), DEFAULT_MODEL.removeprefix("builtin:"))
     assert "<|im_start|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
@@ -694,5 +691,4 @@ def test_gemma3_builtin() -> None:
     )
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
     assert torch.isfinite(_logits(model, tokenizer)).all()
-    spec = BUILTIN_MODELS["gemma-3-270m"]
-    _assert_cache_bytes(cache_dir() / "models" / spec.cache_folder_name, spec.key)
+    _assert_cache_bytes(cache_dir(), "gemma-3-270m")
