@@ -20,10 +20,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from methods_folder import condition_row, head_labels, load_folder, method_heads, reuse_responses  # bench/
+from methods_folder import (  # bench/
+    condition_row,
+    folder_parser,
+    head_labels,
+    load_folder,
+    method_heads,
+    reuse_responses,
+)
 from speed_common import finish
 
 from safetyheads.evaluate import evaluate_conditions
@@ -32,15 +38,8 @@ from safetyheads.stats import mcnemar_exact
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("folder", type=Path, help="a methods_bench.py output folder")
-    p.add_argument("--method", default="refusal-search", help="a method of the folder's methods.json rows")
-    p.add_argument("--k", type=int, default=8, help="the head set: the method's top k")
+    p = folder_parser(__doc__, method="refusal-search", k_help="the head set: the method's top k")
     p.add_argument("--split", type=int, default=5, help="the first part: its first SPLIT heads; the rest: the others")
-    p.add_argument("--batch-size", type=int, default=64, help="generation rows per batch")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
     a = p.parse_args(argv)
     if not 1 <= a.split < a.k:
         p.error("--split must be between 1 and k - 1")

@@ -4,11 +4,25 @@ at k, its stored responses, and one condition's row."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+
+def folder_parser(doc: str, *, method: str, k_help: str) -> argparse.ArgumentParser:
+    """The arguments every script that takes a folder further has: the folder, a method of its table and
+    that method's top ``--k``, the generation batch, threads and ``--out``; the script adds its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", type=Path, help="a methods_bench.py output folder")
+    p.add_argument("--method", default=method, help="a method of the folder's methods.json rows")
+    p.add_argument("--k", type=int, default=8, help=k_help)
+    p.add_argument("--batch-size", type=int, default=64, help="generation rows per batch")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
+    return p
 
 
 def load_folder(folder: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:

@@ -22,10 +22,16 @@ import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from methods_folder import condition_row, head_labels, load_folder, method_heads, reuse_responses  # bench/
+from methods_folder import (  # bench/
+    condition_row,
+    folder_parser,
+    head_labels,
+    load_folder,
+    method_heads,
+    reuse_responses,
+)
 from speed_common import finish
 
 from safetyheads.evaluate import evaluate_conditions
@@ -36,17 +42,10 @@ from safetyheads.stats import layer_matched_random_heads, random_control_seed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("folder", type=Path, help="a methods_bench.py output folder")
-    p.add_argument("--method", default="refusal-grad", help="a method of the folder's methods.json rows")
-    p.add_argument("--k", type=int, default=8, help="the short list: the method's top k")
+    p = folder_parser(__doc__, method="refusal-grad", k_help="the short list: the method's top k")
     p.add_argument("--size", type=int, default=5, help="heads per subset")
     p.add_argument("--objective", default="asr", choices=["asr", "refusal"])
     p.add_argument("--random-draws", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64, help="generation rows per batch")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
     a = p.parse_args(argv)
     if not 1 <= a.size < a.k:
         p.error("--size must be between 1 and k - 1")
